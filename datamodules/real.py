@@ -1,0 +1,197 @@
+"""RealFERDataModule: any public format (or the embedded toy faces) as train/val/test loaders of the batch dict."""
+from __future__ import annotations
+
+import collections
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.batch import FERRecord, RecordDataset, collate_fer
+from datamodules.labels import DISFA_AUS, class_names, in_protocol, num_classes, parse_au_list
+from datamodules.transforms import AugmentConfig, eval_transform, train_transform
+
+SPLITS = ("train", "val", "test")
+# Formats without a usable validation split: RAF-DB has none; AffectNet's validation set is its test set.
+CARVE_VAL_FORMATS = {"rafdb", "affectnet", "affectnet_npy"}
+
+
+class RealFERDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        format: str = "toy",
+        root: Optional[str] = None,
+        protocol: int = 8,
+        image_size: int = 48,
+        batch_size: int = 64,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        val_split: str = "auto",           # auto | split | carve
+        val_fraction: float = 0.1,
+        train_limit: Optional[int] = None,  # seeded random subset of the train split (low-data protocols)
+        seed: int = 0,
+        aus: Optional[Sequence[int]] = None,
+        openface: Optional[str] = None,
+        captions: Optional[str] = None,
+        format_options: Optional[dict] = None,
+        toy: Optional[dict] = None,
+        augment: Optional[dict] = None,
+        soft_labels: bool = False,
+        verify_images: bool = False,
+    ):
+        super().__init__()
+        from datamodules.formats import READERS
+
+        if format != "toy" and format not in READERS:
+            raise ValueError(f"unknown data format {format!r} (config key: data.format); "
+                             f"known: toy, {', '.join(sorted(READERS))}")
+        if format != "toy":
+            if root is None:
+                raise ValueError(f"data.root must be set for data.format={format}")
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"data.root does not exist: {root} (config key: data.root)")
+        for key, path in (("data.openface", openface), ("data.captions", captions)):
+            if path is not None and not Path(path).exists():
+                raise FileNotFoundError(f"{key} does not exist: {path}")
+        num_classes(protocol)
+        if val_split not in ("auto", "split", "carve"):
+            raise ValueError(f"data.val_split must be auto, split or carve, got {val_split!r}")
+        if not (0 < val_fraction < 1):
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        if not (16 <= image_size <= 1024):
+            raise ValueError(f"data.image_size must be in [16, 1024], got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if train_limit is not None and train_limit < 1:
+            raise ValueError(f"data.train_limit must be >= 1 or null, got {train_limit}")
+        self.format, self.root, self.protocol = format, root, protocol
+        self.image_size, self.batch_size = image_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.val_split, self.val_fraction = num_workers, val_split, val_fraction
+        self.train_limit, self.seed = train_limit, seed
+        self.vocab = parse_au_list(aus)
+        self.openface, self.captions = openface, captions
+        self.format_options = dict(format_options or {})
+        self.toy_options = dict(toy or {})
+        self.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (augment or {}).items()})
+        self.soft_labels, self.verify_images = soft_labels, verify_images
+        self.num_classes = protocol
+        self.class_names = list(class_names(protocol))
+        self.skipped: collections.Counter = collections.Counter()
+        self.records: dict[str, list[FERRecord]] = {}
+        self.datasets: dict[str, RecordDataset] = {}
+
+    # ------------------------------------------------------------------ reading
+    def _read(self, split: str) -> list[FERRecord]:
+        if self.format == "toy":
+            return toy_records(self.toy_options, split, self.vocab.aus)
+        from datamodules.formats import attach_captions, attach_openface, read_split, verify_images
+
+        result = read_split(self.format, self.root, split, **self.format_options)
+        self.skipped.update({f"{split}/{k}": v for k, v in result.skipped.items()})
+        records = result.records
+        if self.verify_images:
+            checked = verify_images(records)
+            self.skipped.update({f"{split}/{k}": v for k, v in checked.skipped.items()})
+            records = checked.records
+        if self.openface:
+            attach_openface(records, self.openface, self.vocab)
+        if self.captions:
+            attach_captions(records, self.captions)
+        return records
+
+    def _in_protocol(self, records: list[FERRecord], split: str) -> list[FERRecord]:
+        kept = []
+        for rec in records:
+            if rec.label >= 0 and not in_protocol(rec.label, self.protocol):
+                self.skipped[f"{split}/outside_{self.protocol}_class_protocol"] += 1
+                continue
+            if rec.soft_label is not None and len(rec.soft_label) != self.num_classes:
+                soft = np.asarray(rec.soft_label[: self.num_classes], dtype=np.float32)
+                if soft.sum() <= 0:
+                    self.skipped[f"{split}/outside_{self.protocol}_class_protocol"] += 1
+                    continue
+                rec.soft_label = soft / soft.sum()
+            kept.append(rec)
+        return kept
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.datasets:
+            return
+        carve = self.val_split == "carve" or (self.val_split == "auto" and self.format in CARVE_VAL_FORMATS)
+        train = self._in_protocol(self._read("train"), "train")
+        rng = np.random.default_rng(self.seed)
+        if carve:
+            order = rng.permutation(len(train))
+            n_val = max(1, int(round(self.val_fraction * len(train))))
+            val = [train[i] for i in order[:n_val]]
+            train = [train[i] for i in order[n_val:]]
+        else:
+            val = self._in_protocol(self._read("val"), "val")
+        if self.train_limit is not None and self.train_limit < len(train):
+            keep = np.sort(rng.choice(len(train), size=self.train_limit, replace=False))
+            train = [train[i] for i in keep]
+        test = self._in_protocol(self._read("test"), "test")
+        self.records = {"train": train, "val": val, "test": test}
+        for split, recs in self.records.items():
+            if not recs:
+                raise ValueError(f"the {split} split of data.format={self.format} at {self.root} has no usable "
+                                 f"samples (skipped: {dict(self.skipped)})")
+        if self.skipped:
+            warnings.warn(f"{self.format}: skipped samples: {dict(self.skipped)}")
+        tf_train = train_transform(self.image_size, self.augment)
+        tf_eval = eval_transform(self.image_size)
+        common = dict(num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels)
+        self.datasets = {"train": RecordDataset(train, tf_train, **common),
+                         "val": RecordDataset(val, tf_eval, **common),
+                         "test": RecordDataset(test, tf_eval, **common)}
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per split and class, and skips: written into each run's metrics.json."""
+        out: dict[str, Any] = {"format": self.format, "skipped": dict(self.skipped)}
+        for split, recs in self.records.items():
+            labels = np.array([r.label for r in recs])
+            out[f"{split}_size"] = len(recs)
+            out[f"{split}_class_counts"] = [int((labels == k).sum()) for k in range(self.num_classes)]
+        return out
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+                          shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate_fer,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def toy_records(options: dict, split: str, aus: Sequence[int] = DISFA_AUS, progress: bool = True) -> list[FERRecord]:
+    """Render a toy split in memory. ``options``: n_train/n_val/n_test plus any ToyFacesConfig field."""
+    from datamodules.toyfaces import ToyFacesConfig, make_split
+
+    options = dict(options)
+    sizes = {s: int(options.pop(f"n_{s}", d)) for s, d in (("train", 1000), ("val", 500), ("test", 2000))}
+    config = ToyFacesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    aus = tuple(aus)
+    index = [DISFA_AUS.index(a) if a in DISFA_AUS else -1 for a in aus]
+    mask = np.array([i >= 0 for i in index])
+    records = []
+    for face in make_split(config, split, sizes[split], progress=progress):
+        values = np.array([face.aus[i] if i >= 0 else 0.0 for i in index], dtype=np.float32)
+        records.append(FERRecord(sample_id=face.sample_id, image=face.image, label=face.label, aus=values,
+                                 au_mask=mask.copy(), caption=face.caption,
+                                 meta={"true_label": face.true_label}))
+    return records

@@ -1,0 +1,133 @@
+"""What every stage shares: output folders, loggers, the Trainer, metrics.json and the config-hash marker."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+DONE_MARKER = "stage_done.json"
+
+
+class ConfigError(ValueError):
+    """A bad config value, raised before any work starts; the message names the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error at `{key}`: {message}")
+        self.key = key
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(key, message)
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    path = Path(cfg.paths.run_dir) / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:
+    """Hash of the resolved config subtrees a stage depends on (its skip-if-done key)."""
+    parts = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
+             if isinstance(OmegaConf.select(cfg, k), DictConfig) else OmegaConf.select(cfg, k) for k in keys}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_done(out_dir: Path, digest: str) -> bool:
+    marker = out_dir / DONE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("config_hash") == digest
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_done(out_dir: Path, digest: str, **extra: Any) -> None:
+    write_json_atomic(out_dir / DONE_MARKER, {"config_hash": digest, "finished": time.time(), **extra})
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def save_resolved_config(cfg: DictConfig, out_dir: Path) -> None:
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    wb = cfg.logger.wandb
+    if wb.enabled and wb.mode != "disabled":
+        require(wb.mode in ("offline", "online"), "logger.wandb.mode", f"must be offline|online|disabled, got {wb.mode}")
+        loggers.append(WandbLogger(
+            save_dir=str(out_dir), project=wb.project, entity=wb.entity, group=wb.group,
+            name=f"{cfg.experiment_name}/{stage}", job_type=stage, tags=list(wb.tags), offline=wb.mode == "offline",
+            config=OmegaConf.to_container(cfg, resolve=True)))
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger]) -> None:
+    """Close wandb runs so the next run in this process (Hydra multirun, pipeline) starts a fresh one."""
+    if any(isinstance(lg, WandbLogger) for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, max_epochs: int, monitor: Optional[str] = "val/acc",
+                  extra_callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, list[Logger]]:
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    require(max_epochs >= 1, f"{stage}.max_epochs", f"must be >= 1, got {max_epochs}")
+    loggers = build_loggers(cfg, out_dir, stage)
+    callbacks: list[Callback] = list(extra_callbacks or [])
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), monitor=monitor, mode="max",
+                                         save_last=True, filename="best-{epoch:02d}"))
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer = L.Trainer(default_root_dir=str(out_dir), max_epochs=max_epochs, logger=loggers or False,
+                        callbacks=callbacks, **trainer_args)
+    return trainer, loggers
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts to one level with '/'-joined keys (metrics.json is flat)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    else:
+        if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+            value = value.item()
+        if isinstance(value, float) and math.isnan(value):
+            value = None
+        out[prefix] = value
+    return out
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> Path:
+    path = out_dir / "metrics.json"
+    write_json_atomic(path, flatten("", metrics, {}))
+    return path

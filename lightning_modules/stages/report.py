@@ -1,0 +1,71 @@
+"""`stage=report`: collect every stage's metrics.json in a run folder into results.md + one metrics.json,
+copy confusion matrices next to it and render the toy sample grid."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lightning_modules import runtime
+
+HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "best_val_acc", "fit_seconds", "data/train_size")
+
+
+def collect_metrics(run_dir: Path) -> dict[str, dict]:
+    """stage name -> its metrics.json, for every stage folder of ``run_dir`` (the report's own excluded)."""
+    found = {}
+    for path in sorted(run_dir.glob("*/metrics.json")):
+        if path.parent.name == "report":
+            continue
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"corrupt metrics file {path}: {err}") from err
+    return found
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "–" if value is None else str(value)
+
+
+def render_results_md(metrics: dict[str, dict], images: list[str], title: str) -> str:
+    lines = [f"# {title}", "", "| stage | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
+    for stage, m in metrics.items():
+        lines.append(f"| {stage} | " + " | ".join(_fmt(m.get(k)) for k in HEADLINE) + " |")
+    lines.append("")
+    for stage, m in metrics.items():
+        skipped = {k: v for k, v in m.items() if k.startswith("data/skipped/")}
+        if skipped:
+            lines.append(f"- {stage}: skipped samples {skipped}")
+    for image in images:
+        lines += ["", f"![{Path(image).stem}]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def run_report(cfg: DictConfig) -> dict:
+    run_dir = Path(cfg.paths.run_dir)
+    out_dir = runtime.stage_dir(cfg, "report")
+    metrics = collect_metrics(run_dir)
+    if not metrics:
+        raise FileNotFoundError(f"no */metrics.json under {run_dir}: run a stage first (e.g. stage=teacher)")
+    images = []
+    for stage in metrics:
+        matrix = run_dir / stage / "confusion_matrix.png"
+        if matrix.is_file():
+            shutil.copyfile(matrix, out_dir / f"confusion_{stage}.png")
+            images.append(f"confusion_{stage}.png")
+    if cfg.data.format == "toy":
+        from datamodules.toyfaces import ToyFacesConfig, save_sample_grid
+
+        toy = {k: v for k, v in cfg.data.toy.items() if not k.startswith("n_")}
+        save_sample_grid(ToyFacesConfig(**{k: tuple(v) if not isinstance(v, (int, float, str, type(None))) else v
+                                           for k, v in toy.items()}), out_dir / "toyfaces_grid.png")
+        images.append("toyfaces_grid.png")
+    (out_dir / "results.md").write_text(render_results_md(metrics, images, f"SynFER results: {cfg.experiment_name}"))
+    merged = {stage: m for stage, m in metrics.items()}
+    runtime.write_metrics(out_dir, merged)
+    return {"report_dir": str(out_dir), "stages": list(metrics)}

@@ -1,0 +1,58 @@
+"""Single entry point: `python train.py stage=<teacher|student|pipeline|report> experiment=<name> [overrides]`."""
+from __future__ import annotations
+
+import os
+import sys
+
+# Offline by default: nothing is downloaded at run time (users opt in to online wandb via logger.wandb.mode).
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_key, "1")
+
+import hydra
+from omegaconf import DictConfig
+
+from lightning_modules.runtime import ConfigError
+
+
+def _classifier(role: str):
+    def run(cfg: DictConfig):
+        from lightning_modules.stages.classifier_stage import run_classifier_stage
+
+        return run_classifier_stage(cfg, role)
+
+    return run
+
+
+def _pipeline(cfg: DictConfig):
+    from lightning_modules.stages.pipeline import run_pipeline
+
+    return run_pipeline(cfg)
+
+
+def _report(cfg: DictConfig):
+    from lightning_modules.stages.report import run_report
+
+    return run_report(cfg)
+
+
+STAGES = {"teacher": _classifier("teacher"), "student": _classifier("student"), "pipeline": _pipeline,
+          "report": _report}
+
+
+def run_stage(cfg: DictConfig):
+    if cfg.stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)}")
+    return STAGES[cfg.stage](cfg)
+
+
+@hydra.main(version_base="1.3", config_path="experiments", config_name="config")
+def main(cfg: DictConfig):
+    try:
+        return run_stage(cfg)
+    except ConfigError as err:
+        print(f"\n{err}\n", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
