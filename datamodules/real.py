@@ -77,6 +77,8 @@ class RealFERDataModule(L.LightningDataModule):
         self.openface, self.captions = openface, captions
         self.format_options = dict(format_options or {})
         self.toy_options = dict(toy or {})
+        if format == "toy":
+            self.toy_sizes, self.toy_config = parse_toy_options(self.toy_options)  # validates before any work
         self.augment = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in (augment or {}).items()})
         self.soft_labels, self.verify_images = soft_labels, verify_images
         self.num_classes = protocol
@@ -88,7 +90,7 @@ class RealFERDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reading
     def _read(self, split: str) -> list[FERRecord]:
         if self.format == "toy":
-            return toy_records(self.toy_options, split, self.vocab.aus)
+            return toy_records(self.toy_config, split, self.toy_sizes[split], self.vocab.aus)
         from datamodules.formats import attach_captions, attach_openface, read_split, verify_images
 
         result = read_split(self.format, self.root, split, **self.format_options)
@@ -178,18 +180,31 @@ class RealFERDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def toy_records(options: dict, split: str, aus: Sequence[int] = DISFA_AUS, progress: bool = True) -> list[FERRecord]:
-    """Render a toy split in memory. ``options``: n_train/n_val/n_test plus any ToyFacesConfig field."""
-    from datamodules.toyfaces import ToyFacesConfig, make_split
+def parse_toy_options(options: dict):
+    """``data.toy`` -> ({split: size}, ToyFacesConfig); n_train/n_val/n_test plus any ToyFacesConfig field."""
+    from datamodules.toyfaces import ToyFacesConfig
 
     options = dict(options)
     sizes = {s: int(options.pop(f"n_{s}", d)) for s, d in (("train", 1000), ("val", 500), ("test", 2000))}
-    config = ToyFacesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    for split, n in sizes.items():
+        if n < 1:
+            raise ValueError(f"data.toy.n_{split} must be >= 1, got {n}")
+    try:
+        config = ToyFacesConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    except TypeError as err:  # unknown knob
+        raise ValueError(f"data.toy: {err}") from err
+    return sizes, config
+
+
+def toy_records(config, split: str, n: int, aus: Sequence[int] = DISFA_AUS, progress: bool = True) -> list[FERRecord]:
+    """Render ``n`` toy faces of a split in memory as records (AUs re-ordered to the configured vocabulary)."""
+    from datamodules.toyfaces import make_split
+
     aus = tuple(aus)
     index = [DISFA_AUS.index(a) if a in DISFA_AUS else -1 for a in aus]
     mask = np.array([i >= 0 for i in index])
     records = []
-    for face in make_split(config, split, sizes[split], progress=progress):
+    for face in make_split(config, split, n, progress=progress):
         values = np.array([face.aus[i] if i >= 0 else 0.0 for i in index], dtype=np.float32)
         records.append(FERRecord(sample_id=face.sample_id, image=face.image, label=face.label, aus=values,
                                  au_mask=mask.copy(), caption=face.caption,

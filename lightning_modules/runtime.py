@@ -57,6 +57,14 @@ def mark_done(out_dir: Path, digest: str, **extra: Any) -> None:
     write_json_atomic(out_dir / DONE_MARKER, {"config_hash": digest, "finished": time.time(), **extra})
 
 
+def clear_stage(out_dir: Path) -> None:
+    """Forget a previous run of this stage: its done-marker and checkpoints (metrics are rewritten at the end)."""
+    import shutil
+
+    (out_dir / DONE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))

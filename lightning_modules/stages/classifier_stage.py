@@ -46,10 +46,12 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     check_classifier_config(cfg, role)
     datamodule = build_datamodule(cfg)
     out_dir = runtime.stage_dir(cfg, role)
+    runtime.clear_stage(out_dir)  # a rerun must not be mistaken for done, nor pick up stale checkpoints
     runtime.save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     model = hydra.utils.instantiate(cfg[role].model, num_classes=datamodule.num_classes,
-                                    num_aus=len(datamodule.vocab), class_names=datamodule.class_names)
+                                    num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
+                                    _convert_="all")
     trainer, loggers = runtime.build_trainer(cfg, out_dir, role, int(cfg[role].max_epochs))
     start = time.time()
     try:
@@ -66,7 +68,8 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s, "epochs": trainer.current_epoch,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
                    "checkpoint": str(out_dir / f"{role}.ckpt") if best else None,
-                   "data": datamodule.summary(), "world_size": trainer.world_size}
+                   "data": datamodule.summary(), "world_size": trainer.world_size,
+                   "train_batches_per_epoch": trainer.num_training_batches}
         runtime.write_metrics(out_dir, metrics)
         runtime.mark_done(out_dir, runtime.config_hash(cfg, HASH_KEYS[role]))
     return metrics

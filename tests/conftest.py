@@ -1,0 +1,45 @@
+"""Shared test setup: offline always, tiny configs composed from the real config tree."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_key] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "experiments"
+
+# Tiny, fast settings applied on top of any composed config (tests override further).
+TINY = [
+    "logger=csv",
+    "data.toy.n_train=96", "data.toy.n_val=32", "data.toy.n_test=48",
+    "data.toy.image_size=32", "data.image_size=32", "data.batch_size=32",
+    "teacher.max_epochs=1", "student.max_epochs=1",
+    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+]
+
+
+def compose(overrides: list[str], run_dir: Path):
+    """The real config tree with Hydra's compose API, run folder pinned to ``run_dir``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    merged = {o.split("=", 1)[0]: o for o in [*overrides, f"paths.run_dir={run_dir}"]}  # later wins
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(merged.values()))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*overrides: str):
+        base = TINY
+        if any(o.startswith("data=") and o != "data=toy" for o in overrides):  # public formats have no data.toy
+            base = [o for o in TINY if not o.startswith("data.toy.")]
+        return compose([*base, *overrides], tmp_path / "run")
+
+    return make

@@ -1,0 +1,53 @@
+"""The real config tree composes, and bad configs stop before any work with a message naming the key."""
+import pytest
+from omegaconf import OmegaConf
+
+import train
+from lightning_modules.runtime import ConfigError, config_hash
+
+
+def test_every_data_config_composes(tiny_cfg):
+    for name in ("toy", "affectnet", "affectnet_npy", "rafdb", "fer2013", "ferplus", "imagefolder"):
+        cfg = tiny_cfg(f"data={name}")
+        assert cfg.data.format == name
+        assert cfg.data._target_ == "datamodules.real.RealFERDataModule"
+
+
+def test_experiment_files_only_override(tiny_cfg):
+    base = tiny_cfg()
+    quick = tiny_cfg("experiment=toy_quick")
+    assert quick.experiment_name == "toy_quick" and base.experiment_name == "default"
+    assert set(OmegaConf.to_container(quick.teacher)) == set(OmegaConf.to_container(base.teacher))
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["stage=paint"], "stage"),
+    (["teacher.model.backbone=resnet_nonexistent"], "teacher.model.backbone"),
+    (["teacher.model.lr=-1"], "teacher.model.lr"),
+    (["teacher.model.label_smoothing=1.5"], "teacher.model.label_smoothing"),
+    (["teacher.model.pretrained=/nonexistent/weights.safetensors"], "teacher.model.pretrained"),
+    (["teacher.max_epochs=0"], "teacher.max_epochs"),
+    (["data=fer2013", "data.root=/nonexistent/fer2013"], "data.root"),
+    (["data.format=jaffe"], "data.format"),
+    (["data.protocol=6"], "data"),
+    (["data.val_fraction=1.5"], "data.val_fraction"),
+    (["data.image_size=4"], "data.image_size"),
+    (["data.augment.crop_scale=[0.9,0.5]"], "augment.crop_scale"),
+    (["data.toy.label_noise=2.0"], "label_noise"),
+])
+def test_bad_config_is_a_named_error_before_work(tiny_cfg, overrides, key, tmp_path):
+    cfg = tiny_cfg(*overrides)
+    with pytest.raises((ConfigError, ValueError, FileNotFoundError)) as err:
+        train.run_stage(cfg)
+    assert key in str(err.value)
+    # nothing was trained: no checkpoint, no metrics
+    assert not list((tmp_path / "run").rglob("*.ckpt")) and not list((tmp_path / "run").rglob("metrics.json"))
+
+
+def test_config_hash_tracks_relevant_keys(tiny_cfg):
+    a = tiny_cfg()
+    b = tiny_cfg("student.model.lr=0.5")
+    c = tiny_cfg("teacher.model.lr=0.5")
+    keys = ["data", "teacher", "trainer", "seed"]
+    assert config_hash(a, keys) == config_hash(b, keys)
+    assert config_hash(a, keys) != config_hash(c, keys)

@@ -1,0 +1,21 @@
+"""Two real CPU processes (gloo DDP) through the CLI, in a subprocess (plain ddp inside pytest would re-run pytest)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, TINY
+
+
+def test_teacher_trains_under_two_process_ddp(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "stage=teacher", "trainer=ddp_cpu", *TINY, f"output_root={tmp_path}",
+           "experiment_name=ddp"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "teacher" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert (tmp_path / "ddp" / "teacher" / "teacher.ckpt").is_file()
+    # 96 train faces, batch 32: one process would take 3 batches per epoch; each of 2 ranks takes half the data
+    assert metrics["train_batches_per_epoch"] == 2

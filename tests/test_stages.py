@@ -1,0 +1,63 @@
+"""Stages end to end on tiny toy data: outputs, metrics, pipeline skip/resume, report."""
+import json
+
+import torch
+
+import train
+from lightning_modules.teacher import load_teacher
+
+
+def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("stage=teacher", "logger=default")  # CSV + wandb offline
+    metrics = train.run_stage(cfg)
+    out = tmp_path / "run" / "teacher"
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run not written"
+    for name in ("config.yaml", "metrics.json", "teacher.ckpt", "confusion_matrix.png", "stage_done.json"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= saved["test/acc"] <= 1.0 and "test/macro_f1" in saved and "test/mean_class_acc" in saved
+    assert saved["data/train_size"] == 96 and saved["data/test_size"] == 48
+    assert all(not isinstance(v, dict) for v in saved.values())  # flat
+    assert (out / "csv" / "metrics.csv").is_file()
+    assert metrics["test/acc"] == saved["test/acc"]
+    # the teacher reloads from its artifact and has an AU head of the vocabulary's size
+    teacher = load_teacher(out / "teacher.ckpt")
+    with torch.no_grad():
+        pred = teacher(torch.zeros(2, 3, 32, 32))
+    assert pred["logits"].shape == (2, 8) and pred["aus"].shape == (2, 12)
+    assert float(pred["aus"].min()) >= 0 and float(pred["aus"].max()) <= 5
+
+
+def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("stage=student", "data.protocol=7")
+    metrics = train.run_stage(cfg)
+    assert metrics["data"]["train_class_counts"].__len__() == 7
+    assert not (tmp_path / "run" / "student" / "teacher.ckpt").exists()
+    assert (tmp_path / "run" / "student" / "student.ckpt").is_file()
+
+
+def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("stage=pipeline")
+    first = train.run_stage(cfg)
+    assert first["teacher"] == "ran" and first["student"] == "ran"
+    report = tmp_path / "run" / "report"
+    text = (report / "results.md").read_text()
+    assert "| teacher |" in text and "| student |" in text and "toyfaces_grid.png" in text
+    assert (report / "toyfaces_grid.png").is_file() and (report / "confusion_student.png").is_file()
+    merged = json.loads((report / "metrics.json").read_text())
+    assert "teacher/test/acc" in merged and "student/test/acc" in merged
+    # a killed pipeline resumes: finished stages with the same config are skipped...
+    ckpt_mtime = (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime
+    second = train.run_stage(tiny_cfg("stage=pipeline"))
+    assert second["teacher"] == "skipped" and second["student"] == "skipped"
+    assert (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime == ckpt_mtime
+    # ...and a changed student config reruns only the student
+    third = train.run_stage(tiny_cfg("stage=pipeline", "student.model.lr=0.01"))
+    assert third["teacher"] == "skipped" and third["student"] == "ran"
+
+
+def test_report_without_runs_is_a_clear_error(tiny_cfg):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        train.run_stage(tiny_cfg("stage=report"))
