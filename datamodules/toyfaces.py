@@ -106,6 +106,7 @@ class ToyFacesConfig:
     blur_prob: float = 0.2
     glasses_prob: float = 0.08
     supersample: int = 4
+    au_visual_gain: float = 1.0                            # exaggerates every AU's drawn movement (labels unchanged)
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, what: str) -> None:
@@ -145,6 +146,7 @@ class ToyFacesConfig:
         check("yaw_jitter", 0.0 <= float(self.yaw_jitter) <= 1.0, "in [0, 1]")
         check("noise_std", 0.0 <= float(self.noise_std) <= 64.0, "in [0, 64]")
         check("supersample", isinstance(self.supersample, int) and 1 <= self.supersample <= 8, "an int in 1..8")
+        check("au_visual_gain", 0.0 < float(self.au_visual_gain) <= 4.0, "in (0, 4]")
 
 
 @dataclass
@@ -295,7 +297,8 @@ def sample_toyface(config: ToyFacesConfig, split: str, index: int) -> ToyFace:
     params, words = sample_face_params(config, r_id)
     if expr["unilateral"]:
         params = replace(params, au12_side=expr["unilateral_side"])
-    image = render_face(params, aus, config.image_size, r_pix, supersample=config.supersample)
+    image = render_face(params, aus, config.image_size, r_pix, supersample=config.supersample,
+                        au_gain=config.au_visual_gain)
     label = _observed_label(config, split, true_label, r_noise)
     caption = caption_for(aus, words, params.hair_style, params.glasses, expr["unilateral"])
     attributes = {**{f.name: (list(v) if isinstance(v := getattr(params, f.name), tuple) else v)

@@ -157,15 +157,16 @@ def _thick(spine: np.ndarray, w0: float, w1: float) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- renderer
 def render_face(params: FaceParams, aus: np.ndarray, size: int, rng: np.random.Generator | None = None,
-                supersample: int = 4) -> np.ndarray:
+                supersample: int = 4, au_gain: float = 1.0) -> np.ndarray:
     """Draw one face. ``aus``: (12,) intensities 0..5 in DISFA order. Returns uint8 (size, size, 3).
 
     ``rng`` only drives the pixel noise (``params.noise_std``); pass None for noise-free output.
+    ``au_gain`` scales how far every AU moves the face (a drawing exaggeration; the AU labels stay 0..5).
     """
     aus = np.asarray(aus, dtype=np.float64).reshape(-1)
     if aus.shape[0] != len(DISFA_AUS):
         raise ValueError(f"aus must have {len(DISFA_AUS)} values (DISFA order), got {aus.shape[0]}")
-    a = dict(zip(DISFA_AUS, np.clip(aus, 0.0, 5.0).tolist()))
+    a = dict(zip(DISFA_AUS, (np.clip(aus, 0.0, 5.0) * au_gain).tolist()))
     p = params
     cv = _Canvas(p, size * supersample)
     skin = tuple(p.skin)

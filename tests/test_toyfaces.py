@@ -237,6 +237,7 @@ def test_captions_describe_the_true_expression():
                                                                                "imbalance_power"),
     ({"stray_au_prob": 2.0}, "stray_au_prob"), ({"rotation_deg": 90}, "rotation_deg"), ({"noise_std": -1}, "noise_std"),
     ({"blur_prob": -0.1}, "blur_prob"), ({"seed": -3}, "seed"), ({"supersample": 0}, "supersample"),
+    ({"au_visual_gain": 0}, "au_visual_gain"),
 ])
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=re.escape(field)):
@@ -264,3 +265,16 @@ def test_sample_grid_png(tmp_path, num_classes):
         for c in range(3):
             tile = rgb[r * cell:(r + 1) * cell, T.GRID_LABEL_WIDTH + c * cell: T.GRID_LABEL_WIDTH + (c + 1) * cell]
             assert tile.std() > 10
+
+
+def test_au_visual_gain_exaggerates_drawing_but_not_labels():
+    """The gain moves features further from the neutral face; labels, AUs and identity stay the same."""
+    base = T.ToyFacesConfig(noise_std=0.0, blur_prob=0.0)
+    strong = replace(base, au_visual_gain=2.0)
+    i = _find(base, "test", SURPRISE)[0]
+    a, b = T.sample_toyface(base, "test", i), T.sample_toyface(strong, "test", i)
+    assert a.label == b.label and np.array_equal(a.aus, b.aus) and a.caption == b.caption
+    params, _ = T.sample_face_params(base, T._streams(base, "test", i)[2])
+    neutral = T.render_face(params, np.zeros(len(DISFA_AUS)), base.image_size)
+    moved = [np.abs(img.astype(float) - neutral.astype(float)).mean() for img in (a.image, b.image)]
+    assert moved[1] > 1.3 * moved[0]

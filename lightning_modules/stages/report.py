@@ -59,11 +59,13 @@ def run_report(cfg: DictConfig) -> dict:
             shutil.copyfile(matrix, out_dir / f"confusion_{stage}.png")
             images.append(f"confusion_{stage}.png")
     if cfg.data.format == "toy":
-        from datamodules.toyfaces import ToyFacesConfig, save_sample_grid
+        from omegaconf import OmegaConf
 
-        toy = {k: v for k, v in cfg.data.toy.items() if not k.startswith("n_")}
-        save_sample_grid(ToyFacesConfig(**{k: tuple(v) if not isinstance(v, (int, float, str, type(None))) else v
-                                           for k, v in toy.items()}), out_dir / "toyfaces_grid.png")
+        from datamodules.real import parse_toy_options
+        from datamodules.toyfaces import save_sample_grid
+
+        _, toy_config = parse_toy_options(OmegaConf.to_container(cfg.data.toy, resolve=True))
+        save_sample_grid(toy_config, out_dir / "toyfaces_grid.png")
         images.append("toyfaces_grid.png")
     (out_dir / "results.md").write_text(render_results_md(metrics, images, f"SynFER results: {cfg.experiment_name}"))
     merged = {stage: m for stage, m in metrics.items()}
