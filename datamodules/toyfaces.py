@@ -89,24 +89,24 @@ class ToyFacesConfig:
     num_classes: int = 8                                   # 7 drops contempt
     imbalance_power: float = 0.5                           # p ~ AffectNet counts ** power; 0 = balanced
     class_distribution: tuple[float, ...] | None = None    # overrides the AffectNet-like default (len num_classes)
-    label_noise: float = 0.08                              # prob. the observed label is a confusable class
+    label_noise: float = 0.05                              # prob. the observed label is a confusable class
     label_noise_splits: tuple[str, ...] = ("train",)
-    intensity_range: tuple[float, float] = (0.35, 1.0)     # expression strength s ~ U(range), x prototype
+    intensity_range: tuple[float, float] = (0.5, 1.0)      # expression strength s ~ U(range), x prototype
     au_jitter: float = 0.2                                 # per-AU multiplicative gaussian jitter (std)
     optional_au_prob: float = 0.5                          # prob. of each EXPRESSION_OPTIONAL_AUS entry
     stray_au_prob: float = 0.3                             # prob. of one random non-prototype AU
     stray_au_intensity: tuple[float, float] = (0.3, 1.5)
-    identity_bias: float = 1.0                             # scale of resting brow/mouth shape variation
+    identity_bias: float = 0.7                             # scale of resting brow/mouth shape variation
     rotation_deg: float = 10.0
     scale_jitter: float = 0.08
     shift_jitter: float = 0.06
     yaw_jitter: float = 0.5
     lighting_strength: float = 0.35
-    noise_std: float = 4.0                                 # mean per-image gaussian noise std (0..255 units)
+    noise_std: float = 3.0                                 # mean per-image gaussian noise std (0..255 units)
     blur_prob: float = 0.2
     glasses_prob: float = 0.08
     supersample: int = 4
-    au_visual_gain: float = 1.0                            # exaggerates every AU's drawn movement (labels unchanged)
+    au_visual_gain: float = 2.0                            # exaggerates every AU's drawn movement (labels unchanged)
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, what: str) -> None:

@@ -284,7 +284,7 @@ def render_face(params: FaceParams, aus: np.ndarray, size: int, rng: np.random.G
     nose_c = _shade(skin, 0.28)
     nx = cx + 0.012 * p.yaw
     nw = 0.034 * p.nose_width * (1 + 0.05 * a[9])
-    ny = nose_y - 0.004 * a[9]
+    ny = nose_y - 0.007 * a[9]    # AU9 pulls the nose tip up
     lx = nx + (0.022 if np.cos(p.light_angle) < 0 else -0.022)
     cv.line(np.array([[lx, eye_y + 0.03], [lx * 0.6 + nx * 0.4, ny - 0.03]]), _shade(skin, 0.12), 0.008)
     cv.line(_curve((nx - nw, ny - 0.008), (nx, ny + 0.022), (nx + nw, ny - 0.008), 7), nose_c, 0.009)
@@ -295,7 +295,7 @@ def render_face(params: FaceParams, aus: np.ndarray, size: int, rng: np.random.G
         for k in range(3):
             y = eye_y + 0.03 + 0.017 * k
             hwid = 0.022 + 0.004 * k
-            cv.line(_curve((nx - hwid, y + 0.004), (nx, y - 0.005), (nx + hwid, y + 0.004), 5), c, 0.006)
+            cv.line(_curve((nx - hwid, y + 0.004), (nx, y - 0.005), (nx + hwid, y + 0.004), 5), c, 0.009)
 
     # ---- mouth
     sides = {"both": (1.0, 1.0), "left": (1.0, 0.0), "right": (0.0, 1.0)}[p.au12_side]  # image left / right

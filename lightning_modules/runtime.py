@@ -92,9 +92,24 @@ def build_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list[Logger]:
         require(wb.mode in ("offline", "online"), "logger.wandb.mode", f"must be offline|online|disabled, got {wb.mode}")
         loggers.append(WandbLogger(
             save_dir=str(out_dir), project=wb.project, entity=wb.entity, group=wb.group,
-            name=f"{cfg.experiment_name}/{stage}", job_type=stage, tags=list(wb.tags), offline=wb.mode == "offline",
+            name=_run_name(cfg, stage), job_type=stage, tags=list(wb.tags), offline=wb.mode == "offline",
             config=OmegaConf.to_container(cfg, resolve=True)))
     return loggers
+
+
+def _run_name(cfg: DictConfig, stage: str) -> str:
+    """``<experiment>/<stage>``, plus the job's overrides in a Hydra multirun so sweep runs are told apart."""
+    name = f"{cfg.experiment_name}/{stage}"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN and hc.job.override_dirname:
+            name += f"[{hc.job.override_dirname}]"
+    except ValueError:  # not inside a Hydra app (tests, notebooks)
+        pass
+    return name
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

@@ -269,7 +269,7 @@ def test_sample_grid_png(tmp_path, num_classes):
 
 def test_au_visual_gain_exaggerates_drawing_but_not_labels():
     """The gain moves features further from the neutral face; labels, AUs and identity stay the same."""
-    base = T.ToyFacesConfig(noise_std=0.0, blur_prob=0.0)
+    base = T.ToyFacesConfig(noise_std=0.0, blur_prob=0.0, au_visual_gain=1.0)
     strong = replace(base, au_visual_gain=2.0)
     i = _find(base, "test", SURPRISE)[0]
     a, b = T.sample_toyface(base, "test", i), T.sample_toyface(strong, "test", i)

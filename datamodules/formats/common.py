@@ -150,9 +150,12 @@ def verify_images(records: Iterable[FERRecord], decode: bool = True) -> ReadResu
     (``decode=False`` for the quick structural check only). In-memory images (FER2013) always pass.
     One warning with the count is issued if anything was dropped.
     """
+    from tqdm.auto import tqdm
+
     result = ReadResult()
     first_bad = None
-    for rec in records:
+    records = list(records)
+    for rec in tqdm(records, desc="verify images", unit="img", disable=len(records) < 2000):
         if isinstance(rec.image, str):
             try:
                 with Image.open(rec.image) as img:
