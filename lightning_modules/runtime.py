@@ -58,11 +58,14 @@ def mark_done(out_dir: Path, digest: str, **extra: Any) -> None:
 
 
 def clear_stage(out_dir: Path) -> None:
-    """Forget a previous run of this stage: its done-marker and checkpoints (metrics are rewritten at the end)."""
+    """Forget a previous run of this stage (done-marker, metrics, checkpoints, CSV log), so that a rerun that dies
+    is never reported with the old run's numbers."""
     import shutil
 
-    (out_dir / DONE_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    for name in (DONE_MARKER, "metrics.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    for stale in ("checkpoints", "csv"):
+        shutil.rmtree(out_dir / stale, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

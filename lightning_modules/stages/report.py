@@ -10,13 +10,18 @@ from omegaconf import DictConfig
 
 from lightning_modules import runtime
 
-HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "best_val_acc", "fit_seconds", "data/train_size")
+HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
+            "data/train_size")
+# Stages in pipeline order first, anything else after, alphabetically.
+STAGE_ORDER = ("teacher", "generator", "synthesize", "relabel", "student")
 
 
 def collect_metrics(run_dir: Path) -> dict[str, dict]:
     """stage name -> its metrics.json, for every stage folder of ``run_dir`` (the report's own excluded)."""
     found = {}
-    for path in sorted(run_dir.glob("*/metrics.json")):
+    paths = sorted(run_dir.glob("*/metrics.json"), key=lambda p: (
+        STAGE_ORDER.index(p.parent.name) if p.parent.name in STAGE_ORDER else len(STAGE_ORDER), p.parent.name))
+    for path in paths:
         if path.parent.name == "report":
             continue
         try:
