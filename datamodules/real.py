@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.batch import FERRecord, RecordDataset, collate_fer
-from datamodules.labels import DISFA_AUS, class_names, in_protocol, num_classes, parse_au_list
+from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_list
 from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
@@ -57,7 +57,8 @@ class RealFERDataModule(L.LightningDataModule):
         for key, path in (("data.openface", openface), ("data.captions", captions)):
             if path is not None and not Path(path).exists():
                 raise FileNotFoundError(f"{key} does not exist: {path}")
-        num_classes(protocol)
+        if protocol not in (7, 8):
+            raise ValueError(f"data.protocol must be 7 or 8, got {protocol}")
         if val_split not in ("auto", "split", "carve"):
             raise ValueError(f"data.val_split must be auto, split or carve, got {val_split!r}")
         if not (0 < val_fraction < 1):

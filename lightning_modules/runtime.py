@@ -38,8 +38,10 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
 
 def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:
     """Hash of the resolved config subtrees a stage depends on (its skip-if-done key)."""
-    parts = {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
-             if isinstance(OmegaConf.select(cfg, k), DictConfig) else OmegaConf.select(cfg, k) for k in keys}
+    parts = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        parts[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

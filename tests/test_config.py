@@ -29,7 +29,7 @@ def test_experiment_files_only_override(tiny_cfg):
     (["teacher.max_epochs=0"], "teacher.max_epochs"),
     (["data=fer2013", "data.root=/nonexistent/fer2013"], "data.root"),
     (["data.format=jaffe"], "data.format"),
-    (["data.protocol=6"], "data"),
+    (["data.protocol=6"], "data.protocol"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["data.image_size=4"], "data.image_size"),
     (["data.augment.crop_scale=[0.9,0.5]"], "augment.crop_scale"),

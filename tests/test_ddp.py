@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from conftest import REPO, TINY
 
 
@@ -19,3 +21,20 @@ def test_teacher_trains_under_two_process_ddp(tmp_path):
     assert (tmp_path / "ddp" / "teacher" / "teacher.ckpt").is_file()
     # 96 train faces, batch 32: one process would take 3 batches per epoch; each of 2 ranks takes half the data
     assert metrics["train_batches_per_epoch"] == 2
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
+    """Two sweep jobs in one process: separate run folders, the swept value in each config, two wandb runs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    tiny = [o for o in TINY if not o.startswith("logger=")]
+    cmd = [sys.executable, "train.py", "--multirun", "stage=student", "logger=default", *tiny,
+           "student.model.lr=0.001,0.003", f"output_root={tmp_path}", "experiment_name=sweep"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep" / "multirun").glob("*/[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1"]
+    lrs = [yaml.safe_load((j / "student" / "config.yaml").read_text())["student"]["model"]["lr"] for j in jobs]
+    assert lrs == [0.001, 0.003]
+    for job in jobs:
+        assert (job / "student" / "metrics.json").is_file()
+        assert len(list((job / "student" / "wandb").glob("offline-run-*"))) == 1

@@ -31,7 +31,7 @@ def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
 def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
     cfg = tiny_cfg("stage=student", "data.protocol=7")
     metrics = train.run_stage(cfg)
-    assert metrics["data"]["train_class_counts"].__len__() == 7
+    assert len(metrics["data"]["train_class_counts"]) == 7
     assert not (tmp_path / "run" / "student" / "teacher.ckpt").exists()
     assert (tmp_path / "run" / "student" / "student.ckpt").is_file()
 

@@ -73,6 +73,5 @@ def run_report(cfg: DictConfig) -> dict:
         save_sample_grid(toy_config, out_dir / "toyfaces_grid.png")
         images.append("toyfaces_grid.png")
     (out_dir / "results.md").write_text(render_results_md(metrics, images, f"SynFER results: {cfg.experiment_name}"))
-    merged = {stage: m for stage, m in metrics.items()}
-    runtime.write_metrics(out_dir, merged)
+    runtime.write_metrics(out_dir, metrics)  # flattened to "<stage>/<metric>" keys
     return {"report_dir": str(out_dir), "stages": list(metrics)}
