@@ -39,10 +39,15 @@ def write_clip_vocab(out_dir: str | Path, bpe_path: str | None = None) -> Path:
     return out_dir
 
 
-def offline_clip_tokenizer(cache_dir: str | Path, model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` built from open_clip's bundled vocabulary (cached in ``cache_dir``)."""
+def offline_clip_tokenizer(cache_dir: str | Path | None = None, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` built from open_clip's bundled vocabulary (cached in ``cache_dir``, by
+    default a per-user folder under the system temp dir)."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
+    if cache_dir is None:
+        cache_dir = Path(tempfile.gettempdir()) / f"synfer_clip_bpe_{os.getuid() if hasattr(os, 'getuid') else 0}"
     cache_dir = Path(cache_dir)
     if not ((cache_dir / "vocab.json").is_file() and (cache_dir / "merges.txt").is_file()):
         write_clip_vocab(cache_dir)

@@ -1,0 +1,302 @@
+"""The SynFER sampler as a diffusers pipeline: text + AU conditioned, per-sample seeds, separate CFG scales.
+
+``SynFERPipeline`` holds the Stable Diffusion components (``vae`` optional: without it the UNet works in pixel
+space) plus the AU adapter (``au_encoder`` + decoupled AU attention processors). Its denoising loop follows
+``StableDiffusionPipeline`` step for step (same noise draw, scheduler calls and decoding), so with the AU adapter
+off and guidance off it reproduces diffusers' output exactly (tests/test_generator_pipeline.py checks this).
+
+Saved as a diffusers pipeline directory (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``, ``vae/`` in latent mode) + ``au_adapter.safetensors``/``au_adapter.json`` + LoRA weights
+(``pytorch_lora_weights.safetensors``) when the UNet carries a LoRA. A latent-mode directory also loads with
+``StableDiffusionPipeline.from_pretrained`` (without the AU branch).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, encode_text, load_au_adapter,
+                                            null_aus, plain_attention_processors, save_au_adapter,
+                                            set_au_attention_scale)
+from lightning_modules.guidance import GuidancePlan, combine_guidance
+
+SAMPLERS = ("ddim", "dpmpp")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def make_sampler(name: str, config) -> object:
+    """A sampling scheduler built from a (training) scheduler config: DDIM or DPM-Solver++ (2nd order)."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       steps_offset=1)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+@dataclass
+class SynFEROutput:
+    images: torch.Tensor | list          # (N,3,H,W) float in [0,1] ("pt"), or PIL images ("pil")
+    seeds: list[int]
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample: the same seed gives the same noise on any device and in any batch."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, unet, scheduler, text_encoder, tokenizer, vae=None, image_size: Optional[int] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer,
+                              vae=vae)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        if image_size is None:
+            image_size = int(unet.config.sample_size) * self.vae_scale_factor
+        self.register_to_config(image_size=int(image_size))
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.au_encoder: Optional[AUEncoder] = None
+        self.au_processors: Optional[nn.ModuleDict] = None
+        self.au_names: list[int] = []
+
+    # ------------------------------------------------------------------ AU adapter
+    def set_au_adapter(self, au_encoder: Optional[AUEncoder], au_processors: Optional[nn.ModuleDict],
+                       aus: Sequence[int] = ()) -> None:
+        self.au_encoder, self.au_processors, self.au_names = au_encoder, au_processors, list(aus)
+
+    @property
+    def has_au_adapter(self) -> bool:
+        return self.au_encoder is not None and self.au_processors is not None
+
+    def load_au_adapter(self, directory: str | Path) -> None:
+        encoder, processors, config = load_au_adapter(directory, self.unet)
+        self.set_au_adapter(encoder, processors, config.get("aus", []))
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """The diffusers layout + AU adapter + LoRA; the UNet is saved without AU processors and LoRA layers so the
+        folder stays loadable by plain diffusers."""
+        save_directory = Path(save_directory)
+        unet = self.unet
+        lora_state = _lora_state_dict(unet)
+        processors = unet.attn_processors
+        try:
+            unet.set_attn_processor(plain_attention_processors(unet))
+            if lora_state is not None:
+                self.register_modules(unet=_base_unet(unet))
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.register_modules(unet=unet)
+            unet.set_attn_processor(processors)
+        if lora_state is not None:
+            adapter = unet.active_adapters()[0] if hasattr(unet, "active_adapters") else "default"
+            # the metadata carries lora_alpha: without it diffusers reloads with alpha = rank
+            self.save_lora_weights(save_directory, unet_lora_layers=lora_state,
+                                   unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
+        if self.has_au_adapter:
+            save_au_adapter(save_directory, self.au_encoder, self.au_processors, self.au_names,
+                            float(self.au_processors[next(iter(self.au_processors))].scale[0]))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SynFERPipeline":
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"not a diffusers pipeline directory (no model_index.json): {path}")
+        pipe = super().from_pretrained(str(path), **kwargs)
+        if (path / LORA_WEIGHTS).is_file():
+            pipe.load_lora_weights(str(path))
+        if (path / AU_ADAPTER_WEIGHTS).is_file():
+            pipe.load_au_adapter(path)
+        return pipe
+
+    # ------------------------------------------------------------------ conditions
+    def encode_captions(self, captions: list[str]) -> torch.Tensor:
+        return encode_text(self.text_encoder, self.tokenizer, captions, self._execution_device)
+
+    def encode_aus(self, aus: torch.Tensor, au_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        device = self._execution_device
+        dtype = self.unet.dtype
+        aus = aus.to(device=device, dtype=dtype)
+        au_mask = torch.ones_like(aus, dtype=torch.bool) if au_mask is None else au_mask.to(device).bool()
+        return self.au_encoder(aus, au_mask)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        captions: Sequence[str],
+        aus: Optional[torch.Tensor] = None,
+        au_mask: Optional[torch.Tensor] = None,
+        seeds: Optional[Sequence[int]] = None,
+        num_inference_steps: int = 25,
+        text_scale: float = 1.0,
+        au_scale: float = 1.0,
+        au_attn_scale: Optional[float] = None,
+        negative_prompt: Optional[str | Sequence[str]] = None,
+        sampler: Optional[str] = None,
+        eta: float = 0.0,
+        batch_size: int = 64,
+        output_type: str = "pt",
+        progress: bool = True,
+        step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+    ) -> SynFEROutput:
+        """Images for ``captions`` (+ ``aus``, ``au_mask``): one seed per sample (default 0..N-1).
+
+        ``text_scale``/``au_scale`` are the classifier-free guidance scales of the text and the AU condition
+        (1 = off); ``au_attn_scale`` weights the AU attention branch (default: the trained value; 0 = adapter
+        off); ``negative_prompt`` replaces the empty caption of the unconditional pass.
+        """
+        captions = list(captions)
+        n = len(captions)
+        if n == 0:
+            raise ValueError("no captions given")
+        seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"got {len(seeds)} seeds for {n} captions")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if text_scale < 0 or au_scale < 0:
+            raise ValueError(f"guidance scales must be >= 0, got text_scale={text_scale} au_scale={au_scale}")
+        if output_type not in ("pt", "pil", "np"):
+            raise ValueError(f"output_type must be pt, pil or np, got {output_type!r}")
+        use_aus = aus is not None
+        if use_aus:
+            if not self.has_au_adapter:
+                raise ValueError("AUs were given but this pipeline has no AU adapter")
+            aus = torch.as_tensor(aus, dtype=torch.float32)
+            if aus.shape != (n, self.au_encoder.num_aus):
+                raise ValueError(f"aus must have shape ({n}, {self.au_encoder.num_aus}), got {tuple(aus.shape)}")
+            if au_mask is not None:
+                au_mask = torch.as_tensor(au_mask, dtype=torch.bool)
+                if au_mask.shape != aus.shape:
+                    raise ValueError(f"au_mask shape {tuple(au_mask.shape)} differs from aus {tuple(aus.shape)}")
+        negatives = _negative_prompts(negative_prompt, n)
+        base_scheduler = self.scheduler
+        if sampler is not None:  # for this call only; the pipeline keeps (and saves) its own scheduler
+            self.scheduler = make_sampler(sampler, self.scheduler.config)
+        plan = GuidancePlan(float(text_scale), float(au_scale), use_aus)
+        previous_scale = None
+        if self.has_au_adapter and au_attn_scale is not None:
+            previous_scale = float(self.au_processors[next(iter(self.au_processors))].scale[0])
+            set_au_attention_scale(self.au_processors, au_attn_scale)
+        images = []
+        try:
+            for start in range(0, n, batch_size):
+                sl = slice(start, start + batch_size)
+                images.append(self._sample_batch(
+                    captions[sl], negatives[sl], aus[sl] if use_aus else None,
+                    au_mask[sl] if (use_aus and au_mask is not None) else None, seeds[sl], plan,
+                    num_inference_steps, eta, progress and n <= batch_size, step_callback))
+        finally:
+            self.scheduler = base_scheduler
+            if previous_scale is not None:
+                set_au_attention_scale(self.au_processors, previous_scale)
+        image = torch.cat(images)
+        if output_type == "pil":
+            return SynFEROutput(self.image_processor.numpy_to_pil(self.image_processor.pt_to_numpy(image)), seeds)
+        if output_type == "np":
+            return SynFEROutput(self.image_processor.pt_to_numpy(image), seeds)
+        return SynFEROutput(image, seeds)
+
+    def _conditions(self, captions, negatives, aus, au_mask, plan: GuidancePlan) -> dict[str, object]:
+        """Encoder states for each pass of the plan: a text tensor, or (text, [AU tokens]) with the AU branch."""
+        n = len(captions)
+        text = self.encode_captions(list(captions))
+        null_text = self.encode_captions(list(negatives)) if "null" in plan.passes else None
+        if not self.has_au_adapter:
+            return {"text": text, "null": null_text}
+        null_tokens = self.encode_aus(*null_aus(n, self.au_encoder.num_aus))
+        states = {"text": (text, [null_tokens]), "null": (null_text, [null_tokens])}
+        if aus is not None:
+            states["full"] = (text, [self.encode_aus(aus, au_mask)])
+        return states
+
+    def _sample_batch(self, captions, negatives, aus, au_mask, seeds, plan, num_inference_steps, eta, progress,
+                      step_callback) -> torch.Tensor:
+        device = self._execution_device
+        states = self._conditions(captions, negatives, aus, au_mask, plan)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        size = self.config.image_size // self.vae_scale_factor
+        shape = (len(captions), self.unet.config.in_channels, size, size)
+        generators = seed_generators(seeds)  # also drive stochastic samplers, as StableDiffusionPipeline does
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra = _step_kwargs(self.scheduler, generators, eta)
+        joined = _join_states([states[p] for p in plan.passes])
+        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            # all guidance passes in one UNet call (as StableDiffusionPipeline batches its CFG passes)
+            batched = torch.cat([model_input] * len(plan.passes))
+            out = self.unet(batched, t, encoder_hidden_states=joined, return_dict=False)[0]
+            noise_pred = combine_guidance(plan, dict(zip(plan.passes, out.chunk(len(plan.passes)))))
+            latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+            if step_callback is not None:
+                step_callback(i, t, latents)
+        return self.decode(latents)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (or pixels) -> images in [0,1], as StableDiffusionPipeline post-processes them."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(latents, output_type="pt", do_denormalize=[True] * len(latents))
+
+
+def _join_states(states: list) -> object:
+    """Concatenate per-pass encoder states along the batch: text tensors, or (text, [AU tokens]) tuples."""
+    if len(states) == 1:
+        return states[0]
+    if isinstance(states[0], tuple):
+        return (torch.cat([s[0] for s in states]), [torch.cat([s[1][0] for s in states])])
+    return torch.cat(states)
+
+
+def _negative_prompts(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} captions")
+    return negatives
+
+
+def _step_kwargs(scheduler, generators, eta: float) -> dict:
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _lora_state_dict(unet) -> Optional[dict]:
+    if not getattr(unet, "peft_config", None):
+        return None
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def _base_unet(unet):
+    """A copy of a LoRA-carrying UNet without its LoRA layers (the frozen base weights)."""
+    base = type(unet).from_config(unet.config)
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+             if "lora_" not in k and ".processor." not in k}
+    base.load_state_dict(state)
+    return base.to(dtype=unet.dtype)
