@@ -1,4 +1,4 @@
-"""Single entry point: `python train.py stage=<teacher|student|pipeline|report> experiment=<name> [overrides]`."""
+"""Single entry point: `python train.py stage=<teacher|generator|student|pipeline|report> experiment=<name> [overrides]`."""
 from __future__ import annotations
 
 import os
@@ -23,6 +23,12 @@ def _classifier(role: str):
     return run
 
 
+def _generator(cfg: DictConfig):
+    from lightning_modules.stages.generator_stage import run_generator_stage
+
+    return run_generator_stage(cfg)
+
+
 def _pipeline(cfg: DictConfig):
     from lightning_modules.stages.pipeline import run_pipeline
 
@@ -35,8 +41,8 @@ def _report(cfg: DictConfig):
     return run_report(cfg)
 
 
-STAGES = {"teacher": _classifier("teacher"), "student": _classifier("student"), "pipeline": _pipeline,
-          "report": _report}
+STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "student": _classifier("student"),
+          "pipeline": _pipeline, "report": _report}
 
 
 def run_stage(cfg: DictConfig):

@@ -197,15 +197,17 @@ def parse_toy_options(options: dict):
     return sizes, config
 
 
-def toy_records(config, split: str, n: int, aus: Sequence[int] = DISFA_AUS, progress: bool = True) -> list[FERRecord]:
-    """Render ``n`` toy faces of a split in memory as records (AUs re-ordered to the configured vocabulary)."""
+def toy_records(config, split: str, n: int, aus: Sequence[int] = DISFA_AUS, progress: bool = True,
+                start: int = 0) -> list[FERRecord]:
+    """Render toy faces ``start .. start+n-1`` of a split in memory as records (AUs in the configured vocabulary
+    order)."""
     from datamodules.toyfaces import make_split
 
     aus = tuple(aus)
     index = [DISFA_AUS.index(a) if a in DISFA_AUS else -1 for a in aus]
     mask = np.array([i >= 0 for i in index])
     records = []
-    for face in make_split(config, split, n, progress=progress):
+    for face in make_split(config, split, n, progress=progress, start=start):
         values = np.array([face.aus[i] if i >= 0 else 0.0 for i in index], dtype=np.float32)
         records.append(FERRecord(sample_id=face.sample_id, image=face.image, label=face.label, aus=values,
                                  au_mask=mask.copy(), caption=face.caption,

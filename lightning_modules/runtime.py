@@ -126,18 +126,27 @@ def finish_loggers(loggers: list[Logger]) -> None:
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, max_epochs: int, monitor: Optional[str] = "val/acc",
-                  extra_callbacks: Optional[list[Callback]] = None) -> tuple[L.Trainer, list[Logger]]:
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    require(max_epochs >= 1, f"{stage}.max_epochs", f"must be >= 1, got {max_epochs}")
+                  extra_callbacks: Optional[list[Callback]] = None, monitor_mode: str = "max",
+                  checkpoint_every_n_steps: Optional[int] = None, **trainer_overrides: Any
+                  ) -> tuple[L.Trainer, list[Logger]]:
+    """The stage's Trainer from ``cfg.trainer`` (+ overrides): loggers, checkpoints in ``<out>/checkpoints`` (best by
+    ``monitor``, or the latest every ``checkpoint_every_n_steps`` when ``monitor`` is None), LR monitor."""
+    trainer_args = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
+    max_steps = int(trainer_args.pop("max_steps", -1) or -1)
+    require(max_epochs >= 1 or max_steps >= 1, f"{stage}.max_epochs",
+            f"must be >= 1 (or set {stage}.max_steps), got {max_epochs}")
     loggers = build_loggers(cfg, out_dir, stage)
     callbacks: list[Callback] = list(extra_callbacks or [])
     if monitor:
-        callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), monitor=monitor, mode="max",
+        callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), monitor=monitor, mode=monitor_mode,
                                          save_last=True, filename="best-{epoch:02d}"))
+    else:
+        callbacks.append(ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True,
+                                         every_n_train_steps=checkpoint_every_n_steps, filename="step-{step:06d}"))
     if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    trainer = L.Trainer(default_root_dir=str(out_dir), max_epochs=max_epochs, logger=loggers or False,
-                        callbacks=callbacks, **trainer_args)
+        callbacks.append(LearningRateMonitor(logging_interval="step" if max_steps >= 1 else "epoch"))
+    trainer = L.Trainer(default_root_dir=str(out_dir), max_epochs=max_epochs, max_steps=max_steps,
+                        logger=loggers or False, callbacks=callbacks, **trainer_args)
     return trainer, loggers
 
 

@@ -21,6 +21,8 @@ TINY = [
     "data.toy.image_size=32", "data.image_size=32", "data.batch_size=32",
     "teacher.max_epochs=1", "student.max_epochs=1",
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "generator.max_steps=2", "generator.batch_size=16", "generator.grids.seeds=2", "generator.grids.au_levels=[0,5]",
+    "generator.model.sample.steps=2", "generator.eval.per_class=2",
 ]
 
 

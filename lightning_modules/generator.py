@@ -1,0 +1,270 @@
+"""The SynFER generator: a text + AU conditioned diffusion model as a LightningModule.
+
+Fit = ε-prediction (or v) MSE on real faces with their captions and AU vectors; text and AUs are dropped
+independently for classifier-free guidance and the AUs are jittered. Sampling goes through ``SynFERPipeline``
+(built on the module's own parts, EMA weights when enabled), which is also what the synthesis stage and the saved
+pipeline directory use.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list, template_caption
+from lightning_modules.conditioning import (AUEncoder, augment_aus, drop_conditions, encode_text,
+                                            install_au_attention)
+from lightning_modules.generator_components import BACKBONES, build_tiny, load_pretrained
+from lightning_modules.generator_pipeline import SAMPLERS, SynFERPipeline, make_sampler
+
+FINETUNE_MODES = ("full", "lora")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class FERGenerator(L.LightningModule):
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        pretrained_path: Optional[str] = None,
+        image_size: Optional[int] = 32,
+        aus: Optional[Sequence[int]] = DISFA_AUS,
+        unet: Optional[dict] = None,
+        text_encoder: Optional[dict] = None,
+        noise_scheduler: Optional[dict] = None,
+        au_tokens: int = 4,
+        au_hidden_dim: int = 256,
+        au_attn_scale: float = 1.0,
+        au_noise_std: float = 0.1,
+        text_dropout: float = 0.1,
+        au_dropout: float = 0.1,
+        train_text_encoder: bool = True,
+        finetune: str = "full",
+        lora_rank: int = 8,
+        lora_alpha: Optional[int] = None,
+        gradient_checkpointing: bool = False,
+        ema_decay: Optional[float] = 0.999,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        lr_schedule: str = "cosine",
+        frozen_dtype: Optional[str] = None,
+        sample: Optional[dict] = None,
+        num_classes: int = 8,
+        class_names: Optional[Sequence[str]] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        _check_args(backbone, pretrained_path, finetune, lora_rank, text_dropout, au_dropout, au_noise_std, lr,
+                    ema_decay, frozen_dtype)
+        self.vocab: AUVocabulary = parse_au_list(aus)
+        if backbone == "tiny":
+            parts = build_tiny(int(image_size or 32), unet, text_encoder, noise_scheduler)
+        else:
+            parts = load_pretrained(pretrained_path, image_size, noise_scheduler)
+        self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
+        self.tokenizer, self.noise_scheduler, self.image_size = parts.tokenizer, parts.noise_scheduler, parts.image_size
+        self.au_encoder = AUEncoder(len(self.vocab), parts.text_dim, au_tokens, au_hidden_dim)
+        self.au_processors = install_au_attention(self.unet, au_tokens, au_attn_scale)
+        self._set_trainable()
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.sample_settings = {**dict(sampler="ddim", steps=25, text_scale=2.0, au_scale=2.0), **(sample or {})}
+        if self.sample_settings["sampler"] not in SAMPLERS:
+            raise ValueError(f"generator.model.sample.sampler must be one of {SAMPLERS}, "
+                             f"got {self.sample_settings['sampler']!r}")
+        self.ema = None
+        self._pending_ema_state: Optional[dict] = None
+
+    # ------------------------------------------------------------------ parameters
+    def _set_trainable(self) -> None:
+        hp = self.hparams
+        if self.vae is not None:
+            self.vae.requires_grad_(False).eval()
+        train_text = hp.train_text_encoder and hp.backbone == "tiny"
+        self.text_encoder.requires_grad_(train_text)
+        if hp.frozen_dtype:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[hp.frozen_dtype]
+            if self.vae is not None:
+                self.vae.to(dtype)
+            if not train_text:
+                self.text_encoder.to(dtype)
+        if hp.finetune == "lora":
+            from peft import LoraConfig
+
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha or hp.lora_rank, init_lora_weights="gaussian",
+                                             target_modules=LORA_TARGETS))
+        else:
+            self.unet.requires_grad_(True)
+        self.au_processors.requires_grad_(True)
+        self.au_encoder.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        seen, params = set(), []
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    # ------------------------------------------------------------------ conditions
+    def captions_for(self, batch: dict) -> list[str]:
+        """Batch captions; faces without one get a template caption from label + AUs."""
+        captions = list(batch.get("caption") or [""] * batch["image"].shape[0])
+        out = []
+        for i, caption in enumerate(captions):
+            if not caption:
+                aus = batch["aus"][i].tolist() if "aus" in batch else None
+                mask = batch["au_mask"][i].tolist() if "au_mask" in batch else None
+                caption = template_caption(int(batch["label"][i]), aus, mask, self.vocab)
+            out.append(caption)
+        return out
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return images
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample()
+        return (latents * self.vae.config.scaling_factor).float()
+
+    def diffusion_loss(self, batch: dict, train: bool = True, generator: Optional[torch.Generator] = None
+                       ) -> torch.Tensor:
+        hp = self.hparams
+        latents = self.encode_images(batch["image"])
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+        t = t.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        aus, mask = batch["aus"].float(), batch["au_mask"].bool()
+        captions = self.captions_for(batch)
+        if train:
+            aus = augment_aus(aus, mask, hp.au_noise_std, generator)
+            aus, mask, captions = drop_conditions(aus, mask, captions, hp.text_dropout, hp.au_dropout, generator)
+        text = encode_text(self.text_encoder, self.tokenizer, captions, latents.device).to(latents.dtype)
+        tokens = self.au_encoder(aus, mask)
+        pred = self.unet(noisy, t, encoder_hidden_states=(text, [tokens]), return_dict=False)[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch, train=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Fixed noise and timesteps per batch so the validation loss is comparable across epochs.
+        gen = torch.Generator().manual_seed(1000 + batch_idx)
+        loss = self.diffusion_loss(batch, train=False, generator=gen)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.ema_decay and self.ema is None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable_parameters(), decay=self.hparams.ema_decay, use_ema_warmup=True,
+                                power=3 / 4)
+            if self._pending_ema_state is not None:
+                self.ema.load_state_dict(self._pending_ema_state)
+                self._pending_ema_state = None
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "ema" in checkpoint:
+            if self.ema is not None:
+                self.ema.load_state_dict(checkpoint["ema"])
+            else:
+                self._pending_ema_state = checkpoint["ema"]
+
+    def configure_optimizers(self):
+        from diffusers.optimization import get_scheduler
+
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = int(self._trainer.estimated_stepping_batches) if self._trainer is not None else 1000
+        sched = get_scheduler(hp.lr_schedule, opt, num_warmup_steps=min(hp.warmup_steps, max(total - 1, 0)),
+                              num_training_steps=max(total, 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ sampling / saving
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Swap the EMA weights in (sampling, saving); the training weights come back afterwards."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def pipeline(self, sampler: Optional[str] = None) -> SynFERPipeline:
+        """A sampling pipeline over this module's parts (shared, not copied)."""
+        scheduler = make_sampler(sampler or self.sample_settings["sampler"], self.noise_scheduler.config)
+        pipe = SynFERPipeline(unet=self.unet, scheduler=scheduler, text_encoder=self.text_encoder,
+                              tokenizer=self.tokenizer, vae=self.vae, image_size=self.image_size)
+        pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def sample(self, captions: Sequence[str], aus: Optional[torch.Tensor] = None,
+               au_mask: Optional[torch.Tensor] = None, seeds: Optional[Sequence[int]] = None, **overrides
+               ) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled)."""
+        settings = {**self.sample_settings, **overrides}
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights():
+                pipe = self.pipeline(settings.pop("sampler"))
+                return pipe(captions, aus=aus, au_mask=au_mask, seeds=seeds,
+                            num_inference_steps=settings.pop("steps"), progress=False, **settings).images
+        finally:
+            self.train(was_training)
+
+    def save_generator(self, directory) -> None:
+        """The diffusers pipeline directory + AU adapter (+ LoRA), EMA weights when enabled."""
+        with self.ema_weights():
+            self.pipeline().save_pretrained(directory)
+
+
+def _check_args(backbone, pretrained_path, finetune, lora_rank, text_dropout, au_dropout, au_noise_std, lr,
+                ema_decay, frozen_dtype) -> None:
+    if backbone not in BACKBONES:
+        raise ValueError(f"generator.model.backbone must be one of {BACKBONES}, got {backbone!r}")
+    if backbone == "pretrained" and not pretrained_path:
+        raise ValueError("generator.model.pretrained_path must point at a local Stable Diffusion folder "
+                         "when generator.model.backbone=pretrained")
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(f"generator.model.finetune must be one of {FINETUNE_MODES}, got {finetune!r}")
+    if finetune == "lora" and lora_rank < 1:
+        raise ValueError(f"generator.model.lora_rank must be >= 1, got {lora_rank}")
+    for key, p in (("text_dropout", text_dropout), ("au_dropout", au_dropout)):
+        if not 0 <= p < 1:
+            raise ValueError(f"generator.model.{key} must be in [0, 1), got {p}")
+    if au_noise_std < 0:
+        raise ValueError(f"generator.model.au_noise_std must be >= 0, got {au_noise_std}")
+    if lr <= 0:
+        raise ValueError(f"generator.model.lr must be > 0, got {lr}")
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        raise ValueError(f"generator.model.ema_decay must be in (0, 1) or null, got {ema_decay}")
+    if frozen_dtype not in (None, "bf16", "fp16"):
+        raise ValueError(f"generator.model.frozen_dtype must be null, bf16 or fp16, got {frozen_dtype!r}")

@@ -1,0 +1,180 @@
+"""`stage=generator`: fit the text + AU conditioned diffusion model on the real faces, save it as a diffusers
+pipeline directory (+ AU adapter), draw sample grids, and score generated faces with the teacher."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules import runtime
+from lightning_modules.runtime import ConfigError, require
+
+HASH_KEYS = ["data", "generator", "trainer", "seed"]
+RESUME_STATE = "resume_state.json"
+# Settings that do not change the training trajectory: raising max_steps continues a finished or killed run.
+RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "resume", "checkpoint_every_n_steps")
+
+
+def check_generator_config(cfg: DictConfig) -> None:
+    """Fail before any work, naming the key."""
+    gen = cfg.generator
+    model = gen.model
+    require(model.backbone in ("tiny", "pretrained"), "generator.model.backbone",
+            f"must be tiny or pretrained, got {model.backbone!r}")
+    if model.backbone == "pretrained":
+        path = OmegaConf.select(cfg, "generator.model.pretrained_path", throw_on_missing=False)
+        require(path not in (None, "???"), "generator.model.pretrained_path",
+                "must point at a local Stable Diffusion folder (nothing is downloaded)")
+        require(Path(path).is_dir(), "generator.model.pretrained_path", f"folder not found: {path}")
+    require(model.image_size is not None and 8 <= int(model.image_size) <= 2048, "generator.model.image_size",
+            f"must be in [8, 2048], got {model.image_size}")
+    require(int(gen.batch_size) >= 1, "generator.batch_size", f"must be >= 1, got {gen.batch_size}")
+    require(int(gen.max_steps) >= 1 or int(gen.max_epochs) >= 1, "generator.max_steps",
+            f"set generator.max_steps or generator.max_epochs >= 1 (got {gen.max_steps}, {gen.max_epochs})")
+    require(int(gen.val_every_n_epochs) >= 1, "generator.val_every_n_epochs",
+            f"must be >= 1, got {gen.val_every_n_epochs}")
+    require(int(gen.checkpoint_every_n_steps) >= 1, "generator.checkpoint_every_n_steps",
+            f"must be >= 1, got {gen.checkpoint_every_n_steps}")
+    require(int(gen.grids.every_n_steps) >= 0, "generator.grids.every_n_steps",
+            f"must be >= 0, got {gen.grids.every_n_steps}")
+    require(int(gen.grids.seeds) >= 1, "generator.grids.seeds", f"must be >= 1, got {gen.grids.seeds}")
+    if gen.eval.enabled:
+        require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
+        lo, hi = gen.eval.intensity_range
+        require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+
+
+def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    gen = cfg.generator
+    try:
+        return hydra.utils.instantiate(cfg.data, image_size=int(gen.model.image_size), batch_size=int(gen.batch_size),
+                                       augment=OmegaConf.to_container(gen.augment, resolve=True), _convert_="all")
+    except hydra.errors.InstantiationException as err:
+        raise ConfigError("data", str(err.__cause__ or err)) from err
+
+
+def build_generator(cfg: DictConfig, datamodule) -> L.LightningModule:
+    try:
+        return hydra.utils.instantiate(cfg.generator.model, num_classes=datamodule.num_classes,
+                                       class_names=datamodule.class_names, _convert_="all")
+    except hydra.errors.InstantiationException as err:
+        raise ConfigError("generator.model", str(err.__cause__ or err)) from err
+
+
+def resume_hash(cfg: DictConfig) -> str:
+    trimmed = OmegaConf.masked_copy(cfg, ["data", "generator", "trainer", "seed"])
+    for key in RESUME_IGNORED:
+        trimmed.generator.pop(key, None)
+    return runtime.config_hash(trimmed, ["data", "generator", "trainer", "seed"])
+
+
+def _resume_checkpoint(cfg: DictConfig, out_dir: Path, digest: str) -> Path | None:
+    """checkpoints/last.ckpt of an unfinished run with the same config, if resuming is on."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    state = out_dir / RESUME_STATE
+    if not (cfg.generator.resume and last.is_file() and state.is_file()):
+        return None
+    try:
+        same = json.loads(state.read_text()).get("config_hash") == digest
+    except json.JSONDecodeError:
+        same = False
+    return last if same else None
+
+
+def run_generator_stage(cfg: DictConfig) -> dict:
+    from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
+
+    check_generator_config(cfg)
+    gen = cfg.generator
+    out_dir = runtime.stage_dir(cfg, "generator")
+    digest = runtime.config_hash(cfg, HASH_KEYS)
+    resume = _resume_checkpoint(cfg, out_dir, resume_hash(cfg))
+    if resume is None:
+        runtime.clear_stage(out_dir)
+        for stale in ("pipeline", "grids"):
+            shutil.rmtree(out_dir / stale, ignore_errors=True)
+    runtime.write_json_atomic(out_dir / RESUME_STATE, {"config_hash": resume_hash(cfg)})
+    runtime.save_resolved_config(cfg, out_dir)
+    datamodule = build_generator_datamodule(cfg)
+    L.seed_everything(int(cfg.seed), workers=True)
+    model = build_generator(cfg, datamodule)
+    datamodule.setup("fit")
+    grids = GeneratorSampleGrids(grid_conditions(datamodule.records["val"], datamodule.num_classes,
+                                                 len(datamodule.vocab)),
+                                 out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
+                                 list(gen.grids.au_levels))
+    trainer, loggers = runtime.build_trainer(
+        cfg, out_dir, "generator", int(gen.max_epochs), monitor=None, extra_callbacks=[grids],
+        checkpoint_every_n_steps=int(gen.checkpoint_every_n_steps), max_steps=int(gen.max_steps),
+        check_val_every_n_epoch=int(gen.val_every_n_epochs))
+    start = time.time()
+    metrics: dict = {}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        fit_s = time.time() - start
+        final_val = trainer.validate(model, datamodule=datamodule, verbose=False)  # all ranks: DDP syncs it
+        if trainer.is_global_zero:
+            model.save_generator(out_dir / "pipeline")
+            metrics = {"fit_seconds": fit_s, "steps": trainer.global_step, "resumed_from": str(resume or ""),
+                       "pipeline": str(out_dir / "pipeline"), "world_size": trainer.world_size,
+                       "val_loss": final_val[0].get("val/loss") if final_val else None,
+                       "train_loss": _logged(trainer, "train/loss"),
+                       "grids": {k: str(v) for k, v in grids.last_paths.items()},
+                       "data": datamodule.summary()}
+            if gen.eval.enabled:
+                metrics["eval"] = evaluate_with_teacher(cfg, model, datamodule, out_dir, loggers)
+    finally:
+        runtime.finish_loggers(loggers)
+    if trainer.is_global_zero:
+        runtime.write_metrics(out_dir, metrics)
+        runtime.mark_done(out_dir, digest)
+    return metrics
+
+
+def _logged(trainer, key: str):
+    value = trainer.callback_metrics.get(key)
+    return float(value) if value is not None else None
+
+
+def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, loggers) -> dict:
+    """FER-Acc and AU Pearson r of generated faces (toy: prototype conditions; else: test-split conditions)."""
+    from lightning_modules.generation_eval import (evaluate_generator, records_eval_conditions,
+                                                   toy_eval_conditions)
+    from lightning_modules.grids import save_labelled_grid
+    from lightning_modules.teacher import load_teacher
+
+    ev = cfg.generator.eval
+    teacher_path = Path(str(ev.teacher))
+    if not teacher_path.is_file():
+        warnings.warn(f"generator evaluation skipped: no teacher checkpoint at {teacher_path} "
+                      f"(generator.eval.teacher; run stage=teacher first)")
+        return {"skipped": f"no teacher at {teacher_path}"}
+    teacher = load_teacher(teacher_path, map_location=model.device)
+    if teacher.hparams.num_aus != len(model.vocab):
+        raise ConfigError("generator.eval.teacher", f"teacher predicts {teacher.hparams.num_aus} AUs, the generator "
+                                                    f"uses {len(model.vocab)} (data.aus must match)")
+    per_class, seed = int(ev.per_class), int(ev.seed)
+    if datamodule.format == "toy":
+        conds = toy_eval_conditions(datamodule.toy_config, per_class, datamodule.num_classes, datamodule.vocab.aus,
+                                    tuple(ev.intensity_range), seed)
+    else:
+        conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed)
+    with torch.no_grad():
+        metrics, images = evaluate_generator(model, teacher, conds, int(cfg.data.image_size))
+    cols = min(per_class, 8)
+    pick = [c * per_class + j for c in range(len(conds) // per_class) for j in range(cols)]
+    names = sorted({int(x) for x in conds.labels.tolist()})
+    from datamodules.labels import EXPRESSIONS
+
+    save_labelled_grid(images[pick], [EXPRESSIONS[c] for c in names], out_dir / "grids" / "eval_samples.png")
+    for lg in loggers:
+        if hasattr(lg, "log_metrics"):
+            lg.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
