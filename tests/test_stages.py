@@ -39,21 +39,22 @@ def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
 def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     cfg = tiny_cfg("stage=pipeline")
     first = train.run_stage(cfg)
-    assert first["teacher"] == "ran" and first["student"] == "ran"
+    assert first["teacher"] == "ran" and first["generator"] == "ran" and first["student"] == "ran"
     report = tmp_path / "run" / "report"
     text = (report / "results.md").read_text()
     assert "| teacher |" in text and "| student |" in text and "toyfaces_grid.png" in text
+    assert "| generator |" in text and (report / "generator_expressions_final.png").is_file()
     assert (report / "toyfaces_grid.png").is_file() and (report / "confusion_student.png").is_file()
     merged = json.loads((report / "metrics.json").read_text())
     assert "teacher/test/acc" in merged and "student/test/acc" in merged
     # a killed pipeline resumes: finished stages with the same config are skipped...
     ckpt_mtime = (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime
     second = train.run_stage(tiny_cfg("stage=pipeline"))
-    assert second["teacher"] == "skipped" and second["student"] == "skipped"
+    assert second["teacher"] == "skipped" and second["generator"] == "skipped" and second["student"] == "skipped"
     assert (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime == ckpt_mtime
     # ...and a changed student config reruns only the student
     third = train.run_stage(tiny_cfg("stage=pipeline", "student.model.lr=0.01"))
-    assert third["teacher"] == "skipped" and third["student"] == "ran"
+    assert third["teacher"] == "skipped" and third["generator"] == "skipped" and third["student"] == "ran"
 
 
 def test_report_without_runs_is_a_clear_error(tiny_cfg):

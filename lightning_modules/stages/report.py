@@ -12,6 +12,9 @@ from lightning_modules import runtime
 
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
             "data/train_size")
+GENERATOR_HEADLINE = ("eval/fer_acc", "eval/au_pearson_mean", "eval/reference/fer_acc",
+                      "eval/reference/au_pearson_mean", "val_loss", "steps", "fit_seconds")
+GENERATOR_GRIDS = ("expressions_final.png", "au_sweep_final.png", "eval_samples.png")
 # Stages in pipeline order first, anything else after, alphabetically.
 STAGE_ORDER = ("teacher", "generator", "synthesize", "relabel", "student")
 
@@ -37,11 +40,22 @@ def _fmt(value) -> str:
     return "–" if value is None else str(value)
 
 
+def _table(rows: dict[str, dict], columns: tuple[str, ...]) -> list[str]:
+    lines = ["| stage | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for stage, m in rows.items():
+        lines.append(f"| {stage} | " + " | ".join(_fmt(m.get(k)) for k in columns) + " |")
+    return lines + [""]
+
+
 def render_results_md(metrics: dict[str, dict], images: list[str], title: str) -> str:
-    lines = [f"# {title}", "", "| stage | " + " | ".join(HEADLINE) + " |", "|---" * (len(HEADLINE) + 1) + "|"]
-    for stage, m in metrics.items():
-        lines.append(f"| {stage} | " + " | ".join(_fmt(m.get(k)) for k in HEADLINE) + " |")
-    lines.append("")
+    generators = {s: m for s, m in metrics.items() if s == "generator"}
+    classifiers = {s: m for s, m in metrics.items() if s not in generators}
+    lines = [f"# {title}", ""]
+    if classifiers:
+        lines += ["## FER classifiers (tested on real data)", "", *_table(classifiers, HEADLINE)]
+    if generators:
+        lines += ["## Generator (teacher's FER accuracy and AU Pearson r on generated faces; reference = the real "
+                  "faces behind the same conditions)", "", *_table(generators, GENERATOR_HEADLINE)]
     for stage, m in metrics.items():
         skipped = {k: v for k, v in m.items() if k.startswith("data/skipped/")}
         if skipped:
@@ -63,6 +77,11 @@ def run_report(cfg: DictConfig) -> dict:
         if matrix.is_file():
             shutil.copyfile(matrix, out_dir / f"confusion_{stage}.png")
             images.append(f"confusion_{stage}.png")
+    for name in GENERATOR_GRIDS:
+        grid = run_dir / "generator" / "grids" / name
+        if "generator" in metrics and grid.is_file():
+            shutil.copyfile(grid, out_dir / f"generator_{name}")
+            images.append(f"generator_{name}")
     if cfg.data.format == "toy":
         from omegaconf import OmegaConf
 
