@@ -23,6 +23,20 @@ def test_teacher_trains_under_two_process_ddp(tmp_path):
     assert metrics["train_batches_per_epoch"] == 2
 
 
+def test_generator_trains_under_two_process_ddp(tmp_path):
+    """Grids and the pipeline export run on rank 0 only while rank 1 waits; the final validation is synced."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "stage=generator", "trainer=ddp_cpu", *TINY, "generator.grids.every_n_steps=1",
+           "generator.eval.enabled=false", f"output_root={tmp_path}", "experiment_name=ddp"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ddp" / "generator"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2 and metrics["val_loss"] > 0
+    assert (out / "pipeline" / "au_adapter.safetensors").is_file()
+    assert (out / "grids" / "expressions_step000001.png").is_file()
+
+
 def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
     """Two sweep jobs in one process: separate run folders, the swept value in each config, two wandb runs."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
