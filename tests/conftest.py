@@ -45,3 +45,14 @@ def tiny_cfg(tmp_path):
         return compose([*base, *overrides], tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

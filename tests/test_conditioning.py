@@ -16,13 +16,7 @@ from lightning_modules.conditioning import (AU_ADAPTER_CONFIG, AU_ADAPTER_WEIGHT
 NUM_AUS, DIM, TOKENS = 6, 32, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _aus(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
