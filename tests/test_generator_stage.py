@@ -53,6 +53,9 @@ def test_generator_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
     assert second["resumed_from"].endswith("last.ckpt") and second["steps"] == 4
     ckpt = torch.load(tmp_path / "run" / "generator" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and "ema" in ckpt
+    # a changed evaluation (e.g. another judge teacher) re-evaluates without training more
+    again = train.run_stage(tiny_cfg("stage=generator", *args, "generator.max_steps=4", "generator.eval.per_class=3"))
+    assert again["resumed_from"].endswith("last.ckpt") and again["steps"] == 4
     # a change to the model starts over (and resume=false always does)
     third = train.run_stage(tiny_cfg("stage=generator", *args, "generator.max_steps=4", "generator.model.lr=1e-4"))
     assert third["resumed_from"] == "" and third["steps"] == 4
