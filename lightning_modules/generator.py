@@ -95,8 +95,8 @@ class FERGenerator(L.LightningModule):
             from peft import LoraConfig
 
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha or hp.lora_rank, init_lora_weights="gaussian",
-                                             target_modules=LORA_TARGETS))
+            self.unet.add_adapter(LoraConfig(r=hp.lora_rank, lora_alpha=hp.lora_alpha or hp.lora_rank,
+                                             init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         else:
             self.unet.requires_grad_(True)
         self.au_processors.requires_grad_(True)

@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 # Grows with the later stages: synthesize -> relabel sit between generator and student.
 PIPELINE_STAGES = ("teacher", "generator", "student")
 # stage -> (runner, config subtrees whose change invalidates its outputs)
-RUNNERS = {
-    "teacher": (lambda cfg: classifier_stage.run_classifier_stage(cfg, "teacher"), classifier_stage.HASH_KEYS["teacher"]),
-    "generator": (generator_stage.run_generator_stage, generator_stage.HASH_KEYS),
-    "student": (lambda cfg: classifier_stage.run_classifier_stage(cfg, "student"), classifier_stage.HASH_KEYS["student"]),
-}
+def _classifier(role: str):
+    return (lambda cfg: classifier_stage.run_classifier_stage(cfg, role)), classifier_stage.HASH_KEYS[role]
+
+
+RUNNERS = {"teacher": _classifier("teacher"), "student": _classifier("student"),
+           "generator": (generator_stage.run_generator_stage, generator_stage.HASH_KEYS)}
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
