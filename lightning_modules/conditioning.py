@@ -110,6 +110,11 @@ def install_au_attention(unet, num_tokens: int, au_attn_scale: float = 1.0) -> n
     return nn.ModuleDict(au_modules)
 
 
+def au_attention_scale(au_processors: nn.ModuleDict) -> float:
+    """The current weight of the AU attention branch (the same in every layer)."""
+    return float(next(iter(au_processors.values())).scale[0])
+
+
 def set_au_attention_scale(au_processors: nn.ModuleDict, scale: float) -> None:
     for proc in au_processors.values():
         proc.scale = [float(scale)]

@@ -72,7 +72,7 @@ def load_pretrained(path: str, image_size: Optional[int] = None, noise_scheduler
     missing = [s for s in SD_SUBFOLDERS if not (root / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"generator.model.pretrained_path={root} is not a Stable Diffusion folder: "
-                                f"missing {', '.join(missing)}/")
+                                f"missing {', '.join(m + '/' for m in missing)}")
     unet = UNet2DConditionModel.from_pretrained(root / "unet")
     vae = AutoencoderKL.from_pretrained(root / "vae")
     text = CLIPTextModel.from_pretrained(root / "text_encoder")

@@ -24,7 +24,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, encode_text, load_au_adapter,
+from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, au_attention_scale, encode_text,
+                                            load_au_adapter,
                                             null_aus, plain_attention_processors, save_au_adapter,
                                             set_au_attention_scale)
 from lightning_modules.guidance import GuidancePlan, combine_guidance
@@ -107,7 +108,7 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                    unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
         if self.has_au_adapter:
             save_au_adapter(save_directory, self.au_encoder, self.au_processors, self.au_names,
-                            float(self.au_processors[next(iter(self.au_processors))].scale[0]))
+                            au_attention_scale(self.au_processors))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SynFERPipeline":
@@ -189,7 +190,7 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         plan = GuidancePlan(float(text_scale), float(au_scale), use_aus)
         previous_scale = None
         if self.has_au_adapter and au_attn_scale is not None:
-            previous_scale = float(self.au_processors[next(iter(self.au_processors))].scale[0])
+            previous_scale = au_attention_scale(self.au_processors)
             set_au_attention_scale(self.au_processors, au_attn_scale)
         images = []
         try:

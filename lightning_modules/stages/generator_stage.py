@@ -145,6 +145,7 @@ def _logged(trainer, key: str):
 
 def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, loggers) -> dict:
     """FER-Acc and AU Pearson r of generated faces (toy: prototype conditions; else: test-split conditions)."""
+    from datamodules.labels import EXPRESSIONS
     from lightning_modules.generation_eval import (evaluate_generator, records_eval_conditions,
                                                    toy_eval_conditions)
     from lightning_modules.grids import save_labelled_grid
@@ -171,8 +172,6 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
     cols = min(per_class, 8)
     pick = [c * per_class + j for c in range(len(conds) // per_class) for j in range(cols)]
     names = sorted({int(x) for x in conds.labels.tolist()})
-    from datamodules.labels import EXPRESSIONS
-
     save_labelled_grid(images[pick], [EXPRESSIONS[c] for c in names], out_dir / "grids" / "eval_samples.png")
     for lg in loggers:
         if hasattr(lg, "log_metrics"):
