@@ -58,6 +58,17 @@ def main(cfg: DictConfig):
     except ConfigError as err:
         print(f"\n{err}\n", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Lightning leaves the DDP process group open; a gloo group alive at interpreter exit can abort the process
+    ("terminate called without an active exception") after all outputs were written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
