@@ -28,7 +28,9 @@ from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, au_at
                                             load_au_adapter,
                                             null_aus, plain_attention_processors, save_au_adapter,
                                             set_au_attention_scale)
-from lightning_modules.guidance import GuidancePlan, combine_guidance
+from lightning_modules.guidance import (GuidancePlan, SemanticGuidance, classifier_guided_noise, combine_guidance,
+                                        embedding_guidance_step)
+from lightning_modules.guided_sampling import guidance_gradients, invert_to, text_of, with_text
 
 SAMPLERS = ("ddim", "dpmpp")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -152,12 +154,22 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type: str = "pt",
         progress: bool = True,
         step_callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+        labels: Optional[torch.Tensor] = None,
+        semantic_guidance: Optional[SemanticGuidance] = None,
+        guide: Optional[nn.Module] = None,
+        init_images: Optional[torch.Tensor] = None,
+        init_strength: float = 0.0,
     ) -> SynFEROutput:
         """Images for ``captions`` (+ ``aus``, ``au_mask``): one seed per sample (default 0..N-1).
 
         ``text_scale``/``au_scale`` are the classifier-free guidance scales of the text and the AU condition
         (1 = off); ``au_attn_scale`` weights the AU attention branch (default: the trained value; 0 = adapter
         off); ``negative_prompt`` replaces the empty caption of the unconditional pass.
+
+        ``semantic_guidance`` + ``guide`` (a frozen FER classifier on [0,1] images, e.g. ``ClassifierGuide``) steer
+        the late steps toward ``labels`` (target expressions) and the requested ``aus``; None or all scales 0 is
+        plain sampling. ``init_images`` (N,3,H,W in [0,1]) + ``init_strength`` in (0,1]: layout initialisation —
+        start from the DDIM inversion of these faces at that fraction of the trajectory instead of pure noise.
         """
         captions = list(captions)
         n = len(captions)
@@ -184,6 +196,9 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 if au_mask.shape != aus.shape:
                     raise ValueError(f"au_mask shape {tuple(au_mask.shape)} differs from aus {tuple(aus.shape)}")
         negatives = _negative_prompts(negative_prompt, n)
+        guidance = semantic_guidance if semantic_guidance is not None and semantic_guidance.enabled else None
+        labels = self._check_guidance(guidance, guide, labels, use_aus, n)
+        init_images = self._check_init(init_images, init_strength, n)
         base_scheduler = self.scheduler
         if sampler is not None:  # for this call only; the pipeline keeps (and saves) its own scheduler
             self.scheduler = make_sampler(sampler, self.scheduler.config)
@@ -199,7 +214,9 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 images.append(self._sample_batch(
                     captions[sl], negatives[sl], aus[sl] if use_aus else None,
                     au_mask[sl] if (use_aus and au_mask is not None) else None, seeds[sl], plan,
-                    num_inference_steps, eta, progress and n <= batch_size, step_callback))
+                    num_inference_steps, eta, progress and n <= batch_size, step_callback,
+                    guidance, guide, None if labels is None else labels[sl],
+                    None if init_images is None else init_images[sl], float(init_strength)))
         finally:
             self.scheduler = base_scheduler
             if previous_scale is not None:
@@ -224,8 +241,38 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             states["full"] = (text, [self.encode_aus(aus, au_mask)])
         return states
 
+    def _check_guidance(self, guidance, guide, labels, use_aus: bool, n: int) -> Optional[torch.Tensor]:
+        if guidance is None:
+            return None
+        if guide is None:
+            raise ValueError("semantic guidance needs a guidance classifier (guide=...)")
+        if guidance.embedding_scale > 0 or guidance.classifier_scale > 0:
+            if labels is None:
+                raise ValueError("semantic guidance toward an expression needs target labels (labels=...)")
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.shape != (n,):
+                raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if guidance.au_scale > 0 and not use_aus:
+            raise ValueError("AU guidance (au_scale > 0) needs the requested AUs (aus=...)")
+        if guidance.latent_enabled and self.scheduler.config.prediction_type != "epsilon":
+            raise ValueError("classifier/AU guidance on x_t needs an epsilon-prediction model; use embedding_scale")
+        return labels
+
+    def _check_init(self, init_images, init_strength: float, n: int) -> Optional[torch.Tensor]:
+        if not 0.0 <= init_strength <= 1.0:
+            raise ValueError(f"init_strength must be in [0, 1], got {init_strength}")
+        if init_images is None or init_strength == 0.0:
+            return None
+        init_images = torch.as_tensor(init_images, dtype=torch.float32)
+        if init_images.ndim != 4 or len(init_images) != n or init_images.shape[1] != 3:
+            raise ValueError(f"init_images must have shape ({n}, 3, H, W), got {tuple(init_images.shape)}")
+        if init_images.min() < 0 or init_images.max() > 1:
+            raise ValueError("init_images must be in [0, 1]")
+        return init_images
+
     def _sample_batch(self, captions, negatives, aus, au_mask, seeds, plan, num_inference_steps, eta, progress,
-                      step_callback) -> torch.Tensor:
+                      step_callback, guidance=None, guide=None, labels=None, init_images=None,
+                      init_strength=0.0) -> torch.Tensor:
         device = self._execution_device
         states = self._conditions(captions, negatives, aus, au_mask, plan)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -235,18 +282,46 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         generators = seed_generators(seeds)  # also drive stochastic samplers, as StableDiffusionPipeline does
         latents = randn_tensor(shape, generator=generators, device=device, dtype=self.unet.dtype)
         latents = latents * self.scheduler.init_noise_sigma
+        first = 0
+        if init_images is not None:  # layout initialisation: the last k steps start from the inverted face
+            first = len(timesteps) - max(1, int(round(init_strength * len(timesteps))))
+            latents = invert_to(self, init_images, timesteps[first:], self._null_state(len(captions)))
         extra = _step_kwargs(self.scheduler, generators, eta)
         joined = _join_states([states[p] for p in plan.passes])
-        for i, t in enumerate(self.progress_bar(timesteps) if progress else timesteps):
+        active = guidance.active_steps(len(timesteps)) if guidance is not None else [False] * len(timesteps)
+        guided_pass = "full" if aus is not None else "text"
+        steps = list(enumerate(timesteps))[first:]
+        for i, t in (self.progress_bar(steps) if progress else steps):
+            latent_grad = None
+            if active[i]:
+                text_grad, latent_grad = guidance_gradients(self, latents, t, states[guided_pass], guidance, guide,
+                                                            labels, aus, au_mask)
+                if text_grad is not None:  # c_text <- c_text - λ ∇/‖∇‖, kept for the following steps
+                    text = embedding_guidance_step(text_of(states["text"]), text_grad, guidance.embedding_scale,
+                                                   guidance.per_token)
+                    for key in ("text", "full"):
+                        if key in states:
+                            states[key] = with_text(states[key], text)
+                    joined = _join_states([states[p] for p in plan.passes])
             model_input = self.scheduler.scale_model_input(latents, t)
             # all guidance passes in one UNet call (as StableDiffusionPipeline batches its CFG passes)
             batched = torch.cat([model_input] * len(plan.passes))
             out = self.unet(batched, t, encoder_hidden_states=joined, return_dict=False)[0]
             noise_pred = combine_guidance(plan, dict(zip(plan.passes, out.chunk(len(plan.passes)))))
+            if latent_grad is not None:
+                noise_pred = classifier_guided_noise(noise_pred, latent_grad,
+                                                     self.scheduler.alphas_cumprod[int(t)].to(device))
             latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
             if step_callback is not None:
                 step_callback(i, t, latents)
         return self.decode(latents)
+
+    def _null_state(self, n: int):
+        """The unconditional state (empty caption, no AUs): the condition of the layout inversion."""
+        text = self.encode_captions([""] * n)
+        if not self.has_au_adapter:
+            return text
+        return (text, [self.encode_aus(*null_aus(n, self.au_encoder.num_aus))])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels) -> images in [0,1], as StableDiffusionPipeline post-processes them."""

@@ -59,3 +59,113 @@ def predict_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torc
     if prediction_type == "sample":
         return model_output
     raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon | v_prediction | sample)")
+
+
+def predict_epsilon(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor,
+                    prediction_type: str = "epsilon") -> torch.Tensor:
+    """The noise estimate ε̂ from x_t and the model output (ε, v or x0 parametrisation)."""
+    alpha_bar = _expand(alpha_bar.to(sample.dtype), sample)
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * sample
+    if prediction_type == "sample":
+        return (sample - alpha_bar.sqrt() * model_output) / (1 - alpha_bar).sqrt()
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon | v_prediction | sample)")
+
+
+def ddim_inversion_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar_from: torch.Tensor,
+                        alpha_bar_to: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+    """One deterministic DDIM step *up* the noise levels (ᾱ_from > ᾱ_to), as ``DDIMInverseScheduler.step``:
+    ``x_to = sqrt(ᾱ_to)·x̂0 + sqrt(1−ᾱ_to)·ε̂``. Written out because layout initialisation and FERAnno invert along
+    the sampler's own timestep grid (any sampler), which DDIMInverseScheduler's fixed grid does not offer."""
+    x0 = predict_x0(sample, model_output, alpha_bar_from, prediction_type)
+    eps = predict_epsilon(sample, model_output, alpha_bar_from, prediction_type)
+    alpha_bar_to = _expand(alpha_bar_to.to(sample.dtype), sample)
+    return alpha_bar_to.sqrt() * x0 + (1 - alpha_bar_to).sqrt() * eps
+
+
+def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    while value.ndim < like.ndim:
+        value = value.unsqueeze(-1)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- semantic guidance
+@dataclass(frozen=True)
+class SemanticGuidance:
+    """Classifier-driven guidance during the late denoising steps (SynFER §3.3); every scale 0 = plain sampling.
+
+    - ``embedding_scale`` (λ_g, the paper's SG): ``c_text ← c_text − λ_g·∇L/‖∇L‖`` with L the cross-entropy of a
+      frozen FER classifier on x̂0 against the target expression; the update carries over to later steps.
+    - ``classifier_scale``: classic classifier guidance on x_t through x̂0 (the diffusers CLIP-guided template:
+      ``ε ← ε + sqrt(1−ᾱ_t)·∇_x L``).
+    - ``au_scale``: the same on x_t with L = MSE between the classifier's AU head on x̂0 and the requested AUs.
+    ``window`` = (start, end) fractions of the denoising steps where guidance acts (default: the last 40 %).
+    """
+
+    embedding_scale: float = 0.0
+    classifier_scale: float = 0.0
+    au_scale: float = 0.0
+    window: tuple[float, float] = (0.6, 1.0)
+    per_token: bool = True
+
+    def __post_init__(self):
+        for name in ("embedding_scale", "classifier_scale", "au_scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"semantic guidance {name} must be >= 0, got {getattr(self, name)}")
+        start, end = self.window
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"semantic guidance window must satisfy 0 <= start < end <= 1, got {self.window}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.embedding_scale > 0 or self.latent_enabled
+
+    @property
+    def latent_enabled(self) -> bool:
+        return self.classifier_scale > 0 or self.au_scale > 0
+
+    def active_steps(self, num_steps: int) -> list[bool]:
+        return guidance_window(num_steps, *self.window)
+
+
+def guidance_window(num_steps: int, start: float, end: float) -> list[bool]:
+    """Which of ``num_steps`` denoising steps act: step i (ending at fraction (i+1)/num_steps of the trajectory)
+    when start < (i+1)/num_steps <= end. (0.6, 1.0) with 25 steps = the last 10 steps; any window with end = 1
+    includes the last step, however few steps there are."""
+    return [start < (i + 1) / num_steps <= end for i in range(num_steps)]
+
+
+def normalized_gradient(grad: torch.Tensor, per_token: bool = True, eps: float = 1e-12) -> torch.Tensor:
+    """∇/‖∇‖ per token (norm over the last dim) or per sample (norm over all but the batch dim)."""
+    if per_token:
+        norm = grad.norm(dim=-1, keepdim=True)
+    else:
+        norm = grad.flatten(1).norm(dim=1).view(-1, *([1] * (grad.ndim - 1)))
+    return grad / norm.clamp_min(eps)
+
+
+def embedding_guidance_step(embedding: torch.Tensor, grad: torch.Tensor, scale: float, per_token: bool = True
+                            ) -> torch.Tensor:
+    """The paper's SG update ``c ← c − λ·∇L/‖∇L‖``: every token (or sample) moves by exactly λ against ∇L."""
+    return embedding - scale * normalized_gradient(grad, per_token)
+
+
+def expression_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the batch, so each sample's gradient is its own (not divided by N)."""
+    return torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+
+
+def au_guidance_loss(pred_aus: torch.Tensor, target_aus: torch.Tensor, mask: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """Per-sample mean squared AU error over known AUs, summed over the batch."""
+    mask = torch.ones_like(target_aus, dtype=torch.bool) if mask is None else mask.bool()
+    m = mask.to(pred_aus.dtype)
+    return (((pred_aus - target_aus) ** 2 * m).sum(-1) / m.sum(-1).clamp_min(1)).sum()
+
+
+def classifier_guided_noise(noise_pred: torch.Tensor, grad: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """ε ← ε + sqrt(1−ᾱ_t)·∇_x L: moves x̂0 against ∇L (diffusers' CLIP-guided pipeline, with grads = −∇L)."""
+    alpha_bar = _expand(alpha_bar.to(noise_pred.dtype), noise_pred)
+    return noise_pred + (1 - alpha_bar).sqrt() * grad

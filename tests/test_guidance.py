@@ -167,3 +167,109 @@ def test_predict_x0_unknown_type_raises():
     sched, x0, noise, t, xt = _noised("epsilon")
     with pytest.raises(ValueError, match="unknown prediction_type 'flow'"):
         predict_x0(xt, noise, sched.alphas_cumprod[t], "flow")
+
+
+# ---------------------------------------------------------------------- semantic guidance math
+from lightning_modules.guidance import (SemanticGuidance, au_guidance_loss, classifier_guided_noise,  # noqa: E402
+                                        ddim_inversion_step, embedding_guidance_step, expression_loss,
+                                        guidance_window, normalized_gradient, predict_epsilon)
+
+
+@pytest.mark.parametrize("steps, window, expected", [
+    (25, (0.6, 1.0), [False] * 15 + [True] * 10),   # the paper's default: the last 40 %
+    (5, (0.6, 1.0), [False, False, False, True, True]),
+    (2, (0.6, 1.0), [False, True]),                 # few steps: the last one is always in an end=1 window
+    (1, (0.6, 1.0), [True]),
+    (4, (0.0, 0.5), [True, True, False, False]),
+    (4, (0.0, 1.0), [True] * 4),
+])
+def test_guidance_window(steps, window, expected):
+    assert guidance_window(steps, *window) == expected
+    assert SemanticGuidance(embedding_scale=1.0, window=window).active_steps(steps) == expected
+
+
+def test_semantic_guidance_switches():
+    assert not SemanticGuidance().enabled
+    assert SemanticGuidance(embedding_scale=0.5).enabled and not SemanticGuidance(embedding_scale=0.5).latent_enabled
+    assert SemanticGuidance(classifier_scale=1.0).latent_enabled
+    assert SemanticGuidance(au_scale=1.0).latent_enabled
+
+
+def test_embedding_step_moves_every_token_by_lambda_against_the_gradient():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2, 5, 8, generator=g)
+    grad = torch.randn(2, 5, 8, generator=g) * torch.tensor([1e-4, 1.0, 30.0, 2.0, 0.5])[None, :, None]
+    new = embedding_guidance_step(c, grad, 0.7)
+    step = c - new
+    assert torch.allclose(step.norm(dim=-1), torch.full((2, 5), 0.7), atol=1e-5)  # norm: exactly λ per token
+    cos = torch.nn.functional.cosine_similarity(step, grad, dim=-1)
+    assert torch.allclose(cos, torch.ones(2, 5), atol=1e-5)                      # sign: along +∇, subtracted
+    # per-sample normalisation: the whole sample moves by λ
+    per_sample = c - embedding_guidance_step(c, grad, 0.7, per_token=False)
+    assert torch.allclose(per_sample.flatten(1).norm(dim=1), torch.full((2,), 0.7), atol=1e-5)
+
+
+def test_normalized_gradient_of_zero_stays_zero():
+    assert torch.equal(normalized_gradient(torch.zeros(1, 3, 4)), torch.zeros(1, 3, 4))
+
+
+def test_embedding_step_lowers_a_loss():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3)
+    c = torch.randn(4, 6, 8, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0])
+    loss = expression_loss(c.mean(1) @ w, target)
+    grad, = torch.autograd.grad(loss, c)
+    new = embedding_guidance_step(c.detach(), grad, 0.05)
+    assert expression_loss(new.mean(1) @ w, target) < loss
+
+
+def test_expression_loss_is_summed_per_sample():
+    logits = torch.randn(3, 4)
+    target = torch.tensor([0, 1, 2])
+    one = expression_loss(logits[:1], target[:1])
+    assert torch.allclose(expression_loss(logits, target),
+                          sum(expression_loss(logits[i:i + 1], target[i:i + 1]) for i in range(3)))
+    assert one > 0
+
+
+def test_au_guidance_loss_masks_unknown_aus():
+    pred = torch.tensor([[1.0, 5.0], [2.0, 2.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    mask = torch.tensor([[True, False], [True, True]])
+    assert torch.isclose(au_guidance_loss(pred, target, mask), torch.tensor(0.0 + 2.0))  # (0) + (4+0)/2
+    assert torch.isclose(au_guidance_loss(pred, target), torch.tensor(12.5 + 2.0))
+
+
+def test_classifier_guided_noise_moves_x0_against_the_gradient():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    a = scheduler.alphas_cumprod[500]
+    x, eps, grad = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    x0 = predict_x0(x, eps, a)
+    x0_guided = predict_x0(x, classifier_guided_noise(eps, grad, a), a)
+    # x̂0 moves by −(1−ᾱ)/sqrt(ᾱ)·∇: a descent direction
+    assert torch.allclose(x0_guided - x0, -(1 - a) / a.sqrt() * grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_predict_epsilon_inverts_the_parametrisation(prediction_type):
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    a = scheduler.alphas_cumprod[300]
+    x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[prediction_type]
+    assert torch.allclose(predict_epsilon(xt, out, a, prediction_type), eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_inversion_step_equals_diffusers_inverse_scheduler(prediction_type):
+    from diffusers import DDIMInverseScheduler
+
+    inverse = DDIMInverseScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False,
+                                   set_alpha_to_one=False, steps_offset=1)
+    inverse.set_timesteps(10)
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    t = int(inverse.timesteps[3])        # diffusers steps from t - ratio up to t
+    expected = inverse.step(out, t, x).prev_sample
+    a_from, a_to = inverse.alphas_cumprod[t - 100], inverse.alphas_cumprod[t]
+    assert torch.allclose(ddim_inversion_step(x, out, a_from, a_to, prediction_type), expected, atol=1e-5)
