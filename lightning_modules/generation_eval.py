@@ -3,19 +3,25 @@
 - FER-Acc: the teacher's argmax equals the intended expression.
 - AU fidelity: per-AU Pearson r between the requested AU intensities and the teacher's AU head; the mean over
   AUs whose requested values vary (an AU that is constant in the condition set has no r and is counted apart).
+- AU-Acc: requested vs detected AU activation (intensity >= ``au_active_threshold``), over known AUs.
+- FID / KID (torchmetrics) between generated and real faces in the teacher's penultimate feature space (no
+  Inception download; comparable between runs judged by the same teacher, not with published FIDs).
 - Reference: the same numbers on the real faces behind the conditions, passed through the generator's
   resolution, so a gap is the generator's and not the teacher's.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.nn as nn
 from torchmetrics.functional import pearson_corrcoef
+from torchmetrics.functional.classification import binary_accuracy
 from tqdm.auto import tqdm
 
 from datamodules.batch import FERRecord, load_record_image
@@ -105,9 +111,9 @@ def teacher_scores(teacher, images: torch.Tensor, image_size: int, batch_size: i
     return torch.cat(probs), torch.cat(aus)
 
 
-def fidelity_metrics(probs: torch.Tensor, pred_aus: torch.Tensor, conds: EvalConditions, au_names: Sequence[int]
-                     ) -> dict[str, float]:
-    """FER-Acc (overall + per class) and per-AU Pearson r / MAE against the requested conditions."""
+def fidelity_metrics(probs: torch.Tensor, pred_aus: torch.Tensor, conds: EvalConditions, au_names: Sequence[int],
+                     au_active_threshold: float = 1.0) -> dict[str, float]:
+    """FER-Acc (overall + per class), per-AU Pearson r / MAE and AU-Acc against the requested conditions."""
     labels = conds.labels
     correct = probs.argmax(-1) == labels
     out: dict[str, float] = {"fer_acc": correct.float().mean().item()}
@@ -128,24 +134,102 @@ def fidelity_metrics(probs: torch.Tensor, pred_aus: torch.Tensor, conds: EvalCon
         rs.append(r)
     out["au_pearson_mean"] = float(np.mean(rs)) if rs else None
     out["au_pearson_count"] = len(rs)
+    known = conds.au_mask
+    if known.any():
+        out["au_acc"] = binary_accuracy((pred_aus[known] >= au_active_threshold).int(),
+                                        (conds.aus[known] >= au_active_threshold).int()).item()
     return out
 
 
-def evaluate_generator(generator, teacher, conds: EvalConditions, teacher_image_size: int,
-                       batch_size: int = 64, progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
-    """Generate one face per condition, score generated and reference faces; returns (metrics, images)."""
+class TeacherFeatures(nn.Module):
+    """The teacher's pooled penultimate features of images in [0,1]: the feature space of FID/KID."""
+
+    def __init__(self, teacher, image_size: int):
+        super().__init__()
+        self.teacher = teacher
+        self.image_size = int(image_size)
+        self.num_features = int(teacher.model.num_features) if hasattr(teacher, "model") else None
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        return self.teacher.forward_features(x * 2 - 1).double()
+
+
+def distribution_metrics(features: TeacherFeatures, generated: torch.Tensor, real: torch.Tensor,
+                         batch_size: int = 256) -> dict[str, float]:
+    """FID and KID (mean, std) of generated vs real images (both in [0,1]) in ``features``' space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    n = min(len(generated), len(real))
+    if n < 2:
+        raise ValueError(f"FID/KID need at least 2 generated and 2 real images, got {len(generated)}/{len(real)}")
+    fid = FrechetInceptionDistance(feature=features, normalize=True, reset_real_features=True)
+    kid = KernelInceptionDistance(feature=features, normalize=True, subset_size=min(50, n))
+    for metric in (fid, kid):
+        for start in range(0, len(real), batch_size):
+            metric.update(real[start:start + batch_size], real=True)
+        for start in range(0, len(generated), batch_size):
+            metric.update(generated[start:start + batch_size], real=False)
+    kid_mean, kid_std = kid.compute()
+    return {"fid": fid.compute().item(), "kid_mean": kid_mean.item(), "kid_std": kid_std.item()}
+
+
+def generate(generator, conds: EvalConditions, batch_size: int = 64, progress: bool = True, desc: str = "generate",
+             **sample_kwargs) -> tuple[torch.Tensor, float]:
+    """One face per condition with the generator's sampling settings (+ overrides); (images, seconds)."""
     images = []
-    chunks = range(0, len(conds), batch_size)
-    for start in tqdm(chunks, desc="generator eval", disable=not progress):
+    start_time = time.perf_counter()
+    for start in tqdm(range(0, len(conds), batch_size), desc=desc, disable=not progress):
         sl = slice(start, start + batch_size)
-        images.append(generator.sample(conds.captions[sl], conds.aus[sl], conds.au_mask[sl], conds.seeds[sl]))
-    images = torch.cat(images)
-    au_names = list(generator.vocab.aus)
-    metrics = fidelity_metrics(*teacher_scores(teacher, images, teacher_image_size), conds, au_names)
+        kwargs = dict(sample_kwargs)
+        if kwargs.get("semantic_guidance") is not None:
+            kwargs["labels"] = conds.labels[sl]
+        images.append(generator.sample(conds.captions[sl], conds.aus[sl], conds.au_mask[sl], conds.seeds[sl],
+                                       **kwargs))
+    return torch.cat(images), time.perf_counter() - start_time
+
+
+def score_images(teacher, images: torch.Tensor, conds: EvalConditions, au_names: Sequence[int],
+                 teacher_image_size: int, au_active_threshold: float = 1.0) -> dict[str, float]:
+    """Fidelity metrics of ``images`` + FID/KID against the reference faces when the conditions have them."""
+    metrics = fidelity_metrics(*teacher_scores(teacher, images, teacher_image_size), conds, au_names,
+                               au_active_threshold)
     metrics["num_samples"] = len(conds)
+    if conds.references is not None and hasattr(teacher, "forward_features"):
+        metrics.update(distribution_metrics(TeacherFeatures(teacher, teacher_image_size), images,
+                                            conds.references))
+    return metrics
+
+
+def evaluate_generator(generator, teacher, conds: EvalConditions, teacher_image_size: int,
+                       batch_size: int = 64, progress: bool = True, au_active_threshold: float = 1.0,
+                       guidance=None, guide: Optional[nn.Module] = None, compare_unguided: bool = True
+                       ) -> tuple[dict[str, float], torch.Tensor]:
+    """Generate one face per condition, score generated and reference faces; returns (metrics, images).
+
+    With semantic guidance (``guidance`` enabled + ``guide``) the headline numbers are the guided ones; with
+    ``compare_unguided`` the same conditions and seeds are also sampled without it (``unguided/*``) and the time
+    ratio guided / unguided is reported as ``guidance_time_ratio``.
+    """
+    au_names = list(generator.vocab.aus)
+    guided = guidance is not None and guidance.enabled
+    images, seconds = generate(generator, conds, batch_size, progress, "generator eval" + (" (SG)" if guided else ""),
+                               **({"semantic_guidance": guidance, "guide": guide} if guided else {}))
+    metrics = score_images(teacher, images, conds, au_names, teacher_image_size, au_active_threshold)
+    metrics["sample_seconds"] = seconds
+    if guided and compare_unguided:
+        plain, plain_seconds = generate(generator, conds, batch_size, progress, "generator eval (no SG)")
+        unguided = score_images(teacher, plain, conds, au_names, teacher_image_size, au_active_threshold)
+        metrics.update({f"unguided/{k}": v for k, v in unguided.items()})
+        metrics["unguided/sample_seconds"] = plain_seconds
+        metrics["guidance_time_ratio"] = seconds / plain_seconds
     if conds.references is not None:
         size = images.shape[-1]
         refs = F.interpolate(conds.references, size=(size, size), mode="bilinear", antialias=True)
-        ref = fidelity_metrics(*teacher_scores(teacher, refs, teacher_image_size), conds, au_names)
+        ref = fidelity_metrics(*teacher_scores(teacher, refs, teacher_image_size), conds, au_names,
+                               au_active_threshold)
         metrics.update({f"reference/{k}": v for k, v in ref.items()})
     return metrics, images

@@ -5,8 +5,8 @@ import torch
 
 from datamodules.batch import FERRecord
 from datamodules.labels import AUVocabulary, template_caption
-from lightning_modules.generation_eval import (EvalConditions, fidelity_metrics, records_eval_conditions,
-                                               teacher_scores)
+from lightning_modules.generation_eval import (EvalConditions, TeacherFeatures, distribution_metrics,
+                                               fidelity_metrics, records_eval_conditions, teacher_scores)
 from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
 from lightning_modules.generator_components import build_tiny, load_pretrained
 
@@ -41,6 +41,42 @@ def test_fidelity_metrics_constant_prediction_scores_zero_and_masks_unknown_aus(
     assert m["au_pearson/AU1"] == 0.0           # the detector ignores the request: no control
     assert m["au_pearson/AU4"] is None          # only one known value: no r
     assert m["au_pearson_count"] == 1
+
+
+def test_au_acc_counts_activation_agreement_over_known_aus():
+    conds = _conds([0, 0], [[0, 2, 5], [3, 0.5, 0]], mask=[[True, True, False], [True, True, True]])
+    pred = torch.tensor([[0.2, 1.5, 0.0], [0.9, 0.4, 4.0]])
+    # known entries: (0 vs 0.2) ok, (2 vs 1.5) ok, (3 vs 0.9) miss, (0.5 vs 0.4) ok, (0 vs 4) miss -> 3/5
+    m = fidelity_metrics(torch.eye(3)[[0, 0]], pred, conds, AUS, au_active_threshold=1.0)
+    assert m["au_acc"] == pytest.approx(0.6)
+    assert fidelity_metrics(torch.eye(3)[[0, 0]], pred, conds, AUS, au_active_threshold=0.3)["au_acc"] == \
+        pytest.approx(0.8)
+
+
+class _FeatureTeacher(torch.nn.Module):
+    """forward_features = per-channel means: FID/KID become checkable by hand."""
+
+    class _Model:
+        num_features = 3
+
+    model = _Model()
+
+    def forward_features(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def test_distribution_metrics_zero_for_identical_sets_and_grow_with_shift():
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, 8, 8, generator=g)
+    features = TeacherFeatures(_FeatureTeacher(), 8)
+    same = distribution_metrics(features, real.clone(), real)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-3)
+    assert abs(same["kid_mean"]) < 1e-3
+    near = distribution_metrics(features, (real + 0.05).clamp(0, 1), real)
+    far = distribution_metrics(features, (real + 0.3).clamp(0, 1), real)
+    assert 0 < near["fid"] < far["fid"] and near["kid_mean"] < far["kid_mean"]
+    with pytest.raises(ValueError, match="at least 2"):
+        distribution_metrics(features, real[:1], real)
 
 
 def test_teacher_scores_needs_an_au_head():

@@ -42,6 +42,19 @@ def test_generator_stage_trains_saves_reloads_and_evaluates(tiny_cfg, tmp_path):
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
     assert not torch.allclose(images[0], images[1])
     assert torch.equal(images, _sample(pipe, aus))
+    # the evaluated faces are a synthetic set (the relabel stage's default input)
+    from datamodules.synthetic import load_synthetic
+
+    eval_set = load_synthetic(out / "eval_set")
+    assert len(eval_set) == 16 and sorted(set(eval_set["target_label"])) == list(range(8))
+    assert saved["eval/fid"] >= 0 and 0 <= saved["eval/au_acc"] <= 1
+    # semantic guidance changes only the evaluation: the rerun resumes at max_steps, samples with and without SG
+    guided = train.run_stage(tiny_cfg("stage=generator", *GEN, "generator.guidance.embedding_scale=1.0",
+                                      "generator.guidance.au_scale=1.0"))
+    assert guided["resumed_from"].endswith("last.ckpt") and guided["steps"] == 2
+    ev = guided["eval"]
+    assert ev["unguided/fer_acc"] == pytest.approx(saved["eval/fer_acc"])  # same seeds, no SG: the same faces
+    assert ev["guidance_time_ratio"] > 1.0 and "unguided/fid" in ev
 
 
 def test_generator_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
@@ -99,6 +112,8 @@ def test_stable_diffusion_folder_backbone(tiny_cfg, tmp_path, finetune):
     ("generator.model.sample.sampler=euler", "generator.model"),
     ("generator.model.text_dropout=1.5", "generator.model"),
     ("generator.grids.seeds=0", "generator.grids.seeds"),
+    ("generator.guidance.window=[0.9,0.2]", "generator.guidance"),
+    ("generator.guidance.embedding_scale=1.0", "generator.guidance.classifier"),  # no teacher trained here
 ])
 def test_generator_config_errors_name_their_key(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:

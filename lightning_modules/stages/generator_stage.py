@@ -19,7 +19,7 @@ from lightning_modules.runtime import ConfigError, require
 HASH_KEYS = ["data", "generator", "trainer", "seed"]
 RESUME_STATE = "resume_state.json"
 # Settings that do not change the training trajectory: raising max_steps continues a finished or killed run.
-RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "resume", "checkpoint_every_n_steps")
+RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "guidance", "resume", "checkpoint_every_n_steps")
 
 
 def check_generator_config(cfg: DictConfig) -> None:
@@ -49,6 +49,31 @@ def check_generator_config(cfg: DictConfig) -> None:
         require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
         lo, hi = gen.eval.intensity_range
         require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+    guidance = semantic_guidance(cfg)
+    if guidance.enabled:
+        require(Path(str(gen.guidance.classifier)).is_file(), "generator.guidance.classifier",
+                f"guidance classifier checkpoint not found: {gen.guidance.classifier} (run stage=teacher first)")
+
+
+def semantic_guidance(cfg: DictConfig):
+    """``generator.guidance`` as a SemanticGuidance (ConfigError naming the key when out of range)."""
+    from lightning_modules.guidance import SemanticGuidance
+
+    g = cfg.generator.guidance
+    try:
+        return SemanticGuidance(float(g.embedding_scale), float(g.classifier_scale), float(g.au_scale),
+                                tuple(float(x) for x in g.window), bool(g.per_token))
+    except (ValueError, TypeError) as err:
+        raise ConfigError("generator.guidance", str(err)) from err
+
+
+def load_guide(cfg: DictConfig, device):
+    """The frozen guidance classifier from ``generator.guidance.classifier`` (inputs at data.image_size)."""
+    from lightning_modules.guided_sampling import ClassifierGuide
+    from lightning_modules.teacher import load_teacher
+
+    return ClassifierGuide(load_teacher(str(cfg.generator.guidance.classifier), map_location=device),
+                           int(cfg.data.image_size))
 
 
 def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -98,7 +123,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     resume = _resume_checkpoint(cfg, out_dir, resume_hash(cfg))
     if resume is None:
         runtime.clear_stage(out_dir)
-        for stale in ("pipeline", "grids"):
+        for stale in ("pipeline", "grids", "eval_set"):
             shutil.rmtree(out_dir / stale, ignore_errors=True)
     runtime.write_json_atomic(out_dir / RESUME_STATE, {"config_hash": resume_hash(cfg)})
     runtime.save_resolved_config(cfg, out_dir)
@@ -167,8 +192,15 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
                                     tuple(ev.intensity_range), seed)
     else:
         conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed)
+    guidance = semantic_guidance(cfg)
+    guide = load_guide(cfg, model.device) if guidance.enabled else None
     with torch.no_grad():
-        metrics, images = evaluate_generator(model, teacher, conds, int(cfg.data.image_size))
+        metrics, images = evaluate_generator(model, teacher, conds, int(cfg.data.image_size),
+                                             au_active_threshold=float(ev.au_active_threshold),
+                                             guidance=guidance, guide=guide,
+                                             compare_unguided=bool(ev.compare_unguided))
+    if ev.save_samples:
+        metrics["eval_set"] = str(save_eval_set(out_dir / "eval_set", images, conds, cfg))
     cols = min(per_class, 8)
     pick = [c * per_class + j for c in range(len(conds) // per_class) for j in range(cols)]
     names = sorted({int(x) for x in conds.labels.tolist()})
@@ -177,3 +209,17 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
         if hasattr(lg, "log_metrics"):
             lg.log_metrics({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
+
+
+def save_eval_set(directory: Path, images, conds, cfg: DictConfig) -> Path:
+    """The evaluated faces with their conditions as a synthetic set (input for stage=relabel)."""
+    from datasets import Dataset
+
+    from datamodules.synthetic import to_pil, write_dataset
+
+    guidance = json.dumps(OmegaConf.to_container(cfg.generator.guidance, resolve=True), sort_keys=True)
+    rows = {"image": to_pil(images), "sample_id": [f"eval-{i:06d}" for i in range(len(conds))],
+            "seed": list(conds.seeds), "target_label": conds.labels.tolist(), "target_aus": conds.aus.tolist(),
+            "au_mask": conds.au_mask.tolist(), "caption": list(conds.captions), "guidance": [guidance] * len(conds)}
+    return write_dataset(directory, Dataset.from_dict(rows), meta={"source": "generator eval",
+                                                                  "experiment": str(cfg.experiment_name)})

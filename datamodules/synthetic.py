@@ -1,0 +1,157 @@
+"""The synthetic-face store: HF ``datasets`` shards + an atomically written ``manifest.json`` (DESIGN.md §4).
+
+A synthetic set is a folder::
+
+    manifest.json            {"format": "synfer-synthetic/1", "shards": [{"name", "count"}], "count", "meta"}
+    shards/<name>/           one ``Dataset.save_to_disk`` folder per shard (Arrow, memory-mapped on load)
+
+Columns: ``image`` (PNG), ``sample_id``, ``seed``, ``target_label``, ``target_aus``, ``au_mask``, ``caption``,
+``guidance`` (json of the sampling settings); the relabel stage adds ``probs/<voter>``, ``final_label``,
+``soft_label``, ``is_soft``, ``confidence`` and ``kept``. Rows are never deleted: a dropped sample has
+``kept = false``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datamodules.transforms import eval_transform
+
+MANIFEST = "manifest.json"
+FORMAT = "synfer-synthetic/1"
+REQUIRED_COLUMNS = ("image", "sample_id", "target_label", "target_aus", "au_mask", "caption")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(N,3,H,W) floats in [0,1] -> RGB PIL images (what the store keeps, PNG-encoded)."""
+    array = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"not a synthetic set (no {MANIFEST}): {directory}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt {path}: {err}") from err
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    manifest["count"] = sum(s["count"] for s in manifest["shards"])
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, directory / MANIFEST)
+
+
+def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]], meta: Optional[dict] = None
+                ) -> Path:
+    """Write one shard (tmp folder + rename) and then record it in the manifest; a kill leaves either the old
+    manifest or the new one, never a manifest pointing at a half-written shard."""
+    from datasets import Dataset
+
+    directory = Path(directory)
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows]
+    if missing:
+        raise ValueError(f"synthetic shard {name!r} lacks columns {missing}")
+    lengths = {k: len(v) for k, v in rows.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"synthetic shard {name!r}: columns differ in length {lengths}")
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {"format": FORMAT, "shards": []}
+    if any(s["name"] == name for s in manifest["shards"]):
+        raise ValueError(f"shard {name!r} already exists in {directory}")
+    if meta:
+        manifest["meta"] = {**manifest.get("meta", {}), **meta}
+    final = directory / "shards" / name
+    tmp = directory / "shards" / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_dict(dict(rows)).save_to_disk(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    manifest["shards"].append({"name": name, "count": next(iter(lengths.values()))})
+    _write_manifest(directory, manifest)
+    return final
+
+
+def write_dataset(directory: str | Path, dataset, name: str = "shard-00000", meta: Optional[dict] = None) -> Path:
+    """A whole ``datasets.Dataset`` as a one-shard synthetic set (replacing what is there)."""
+    directory = Path(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    tmp = directory / "shards" / f".{name}.tmp"
+    dataset.save_to_disk(str(tmp))
+    os.replace(tmp, directory / "shards" / name)
+    _write_manifest(directory, {"format": FORMAT, "shards": [{"name": name, "count": len(dataset)}],
+                                "meta": meta or {}})
+    return directory
+
+
+def load_synthetic(directories: str | Path | Sequence[str | Path]):
+    """One ``datasets.Dataset`` over the shards listed in the manifests of one or several synthetic sets; shard
+    counts are checked against the manifest (a truncated shard is an error naming it)."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    if isinstance(directories, (str, Path)):
+        directories = [directories]
+    parts = []
+    for directory in directories:
+        manifest = read_manifest(directory)
+        for shard in manifest["shards"]:
+            path = Path(directory) / "shards" / shard["name"]
+            if not path.is_dir():
+                raise FileNotFoundError(f"shard listed in {Path(directory) / MANIFEST} is missing: {path}")
+            part = load_from_disk(str(path))
+            if len(part) != shard["count"]:
+                raise ValueError(f"shard {path} has {len(part)} rows, the manifest says {shard['count']}")
+            parts.append(part)
+    if not parts:
+        raise ValueError(f"no shards in {list(map(str, directories))}")
+    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"synthetic set {list(map(str, directories))} lacks columns {missing}")
+    return dataset
+
+
+class SyntheticFERDataset(torch.utils.data.Dataset):
+    """A synthetic set as standard FER samples (DESIGN.md §4 batch dict): the relabelled ``final_label`` /
+    ``soft_label`` when present (``use_relabel``), else the conditioned ``target_label``; ``kept_only`` hides the
+    samples the vote dropped."""
+
+    def __init__(self, dataset, image_size: int, num_classes: int, use_relabel: bool = True,
+                 kept_only: bool = True):
+        self.relabelled = use_relabel and "final_label" in dataset.column_names
+        if kept_only and "kept" in dataset.column_names:
+            keep = np.flatnonzero(np.asarray(dataset["kept"], dtype=bool))
+            dataset = dataset.select(keep)
+        self.dataset = dataset
+        self.num_classes = num_classes
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.dataset[int(index)]
+        label = int(row["final_label"] if self.relabelled else row["target_label"])
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"synthetic sample {row['sample_id']} has label {label} outside [0, {self.num_classes})")
+        item = {"image": self.transform(row["image"].convert("RGB")), "label": torch.tensor(label),
+                "aus": torch.tensor(row["target_aus"], dtype=torch.float32),
+                "au_mask": torch.tensor(row["au_mask"], dtype=torch.bool),
+                "caption": row["caption"], "sample_id": row["sample_id"]}
+        if self.relabelled:
+            item["soft_label"] = torch.tensor(row["soft_label"], dtype=torch.float32)
+        return item
