@@ -34,6 +34,7 @@ class FERGenerator(L.LightningModule):
         unet: Optional[dict] = None,
         text_encoder: Optional[dict] = None,
         noise_scheduler: Optional[dict] = None,
+        au_adapter: bool = True,
         au_tokens: int = 4,
         au_hidden_dim: int = 256,
         au_attn_scale: float = 1.0,
@@ -66,8 +67,11 @@ class FERGenerator(L.LightningModule):
             parts = load_pretrained(pretrained_path, image_size, noise_scheduler)
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.tokenizer, self.noise_scheduler, self.image_size = parts.tokenizer, parts.noise_scheduler, parts.image_size
-        self.au_encoder = AUEncoder(len(self.vocab), parts.text_dim, au_tokens, au_hidden_dim)
-        self.au_processors = install_au_attention(self.unet, au_tokens, au_attn_scale)
+        self.au_encoder: Optional[AUEncoder] = None
+        self.au_processors = None
+        if au_adapter:  # off = the text-only generator of the paper's ablation (AUs reach it only via captions)
+            self.au_encoder = AUEncoder(len(self.vocab), parts.text_dim, au_tokens, au_hidden_dim)
+            self.au_processors = install_au_attention(self.unet, au_tokens, au_attn_scale)
         self._set_trainable()
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -99,8 +103,9 @@ class FERGenerator(L.LightningModule):
                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         else:
             self.unet.requires_grad_(True)
-        self.au_processors.requires_grad_(True)
-        self.au_encoder.requires_grad_(True)
+        if self.au_encoder is not None:
+            self.au_processors.requires_grad_(True)
+            self.au_encoder.requires_grad_(True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         seen, params = set(), []
@@ -144,8 +149,8 @@ class FERGenerator(L.LightningModule):
             aus = augment_aus(aus, mask, hp.au_noise_std, generator)
             aus, mask, captions = drop_conditions(aus, mask, captions, hp.text_dropout, hp.au_dropout, generator)
         text = encode_text(self.text_encoder, self.tokenizer, captions, latents.device).to(latents.dtype)
-        tokens = self.au_encoder(aus, mask)
-        pred = self.unet(noisy, t, encoder_hidden_states=(text, [tokens]), return_dict=False)[0]
+        states = text if self.au_encoder is None else (text, [self.au_encoder(aus, mask)])
+        pred = self.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
@@ -230,6 +235,8 @@ class FERGenerator(L.LightningModule):
                ) -> torch.Tensor:
         """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled)."""
         settings = {**self.sample_settings, **overrides}
+        if self.au_encoder is None:  # text-only generator (ablation): the AU request reaches it only via captions
+            aus = au_mask = None
         was_training = self.training
         self.eval()
         try:

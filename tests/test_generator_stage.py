@@ -74,6 +74,18 @@ def test_generator_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
     assert third["resumed_from"] == "" and third["steps"] == 4
 
 
+def test_text_only_generator_without_au_adapter(tiny_cfg, tmp_path):
+    metrics = train.run_stage(tiny_cfg("stage=generator", *GEN, "generator.model.au_adapter=false",
+                                       "generator.eval.enabled=false"))
+    out = tmp_path / "run" / "generator" / "pipeline"
+    assert metrics["steps"] == 2 and (out / "model_index.json").is_file()
+    assert not (out / "au_adapter.safetensors").exists()
+    pipe = SynFERPipeline.from_pretrained(out)
+    assert not pipe.has_au_adapter
+    images = pipe(["a photo of a face"], seeds=[0], num_inference_steps=2, progress=False).images
+    assert images.shape == (1, 3, 32, 32)
+
+
 def test_generator_eval_without_teacher_is_skipped_with_a_warning(tiny_cfg, tmp_path):
     with pytest.warns(UserWarning, match="no teacher checkpoint"):
         metrics = train.run_stage(tiny_cfg("stage=generator", *GEN, "generator.max_steps=1"))
@@ -113,11 +125,12 @@ def test_stable_diffusion_folder_backbone(tiny_cfg, tmp_path, finetune):
     ("generator.model.text_dropout=1.5", "generator.model"),
     ("generator.grids.seeds=0", "generator.grids.seeds"),
     ("generator.guidance.window=[0.9,0.2]", "generator.guidance"),
+    ("generator.model.au_adapter=false generator.guidance.au_scale=1", "generator.guidance.au_scale"),
     ("generator.guidance.embedding_scale=1.0", "generator.guidance.classifier"),  # no teacher trained here
 ])
 def test_generator_config_errors_name_their_key(tiny_cfg, override, key):
     with pytest.raises(ConfigError) as err:
-        train.run_stage(tiny_cfg("stage=generator", *GEN, override))
+        train.run_stage(tiny_cfg("stage=generator", *GEN, *override.split()))
     assert err.value.key == key
 
 

@@ -50,6 +50,8 @@ def check_generator_config(cfg: DictConfig) -> None:
         lo, hi = gen.eval.intensity_range
         require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
     guidance = semantic_guidance(cfg)
+    require(not (guidance.au_scale > 0 and not model.au_adapter), "generator.guidance.au_scale",
+            "AU guidance needs the AU adapter (generator.model.au_adapter=true)")
     if guidance.enabled:
         require(Path(str(gen.guidance.classifier)).is_file(), "generator.guidance.classifier",
                 f"guidance classifier checkpoint not found: {gen.guidance.classifier} (run stage=teacher first)")
