@@ -20,6 +20,37 @@ def test_experiment_files_only_override(tiny_cfg):
     assert set(OmegaConf.to_container(quick.teacher)) == set(OmegaConf.to_container(base.teacher))
 
 
+def _leaves(cfg, prefix=""):
+    out = {}
+    for k, v in cfg.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("experiment, switched", [
+    ("toy_ablation_no_au", {"generator.model.au_adapter": False}),
+    ("toy_ablation_no_sg", {}),
+    ("toy_ablation_no_relabel", {"relabel.enabled": False}),
+])
+def test_ablation_experiments_differ_from_toy_only_in_their_switch(tmp_path, experiment, switched):
+    """Each ablation row is the toy experiment with one component off (plus its own output folder)."""
+    from conftest import compose
+
+    def leaves(name):
+        cfg = compose([f"experiment={name}"], tmp_path)
+        return _leaves(OmegaConf.to_container(cfg, resolve=False))
+
+    toy, ablation = leaves("toy"), leaves(experiment)
+    diff = {k: v for k, v in ablation.items() if toy.get(k) != v}
+    diff.pop("experiment_name")
+    guidance_off = {k: v for k, v in diff.items() if k.startswith("generator.guidance.")}
+    assert all(v == 0.0 for v in guidance_off.values())  # SG off (toy may turn it on)
+    assert {k: v for k, v in diff.items() if k not in guidance_off} == switched
+    if experiment == "toy_ablation_no_sg":
+        assert all(ablation[f"generator.guidance.{k}"] == 0.0 for k in ("embedding_scale", "classifier_scale",
+                                                                          "au_scale"))
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["stage=paint"], "stage"),
     (["teacher.model.backbone=resnet_nonexistent"], "teacher.model.backbone"),
