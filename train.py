@@ -1,4 +1,4 @@
-"""Single entry point: `python train.py stage=<teacher|generator|student|pipeline|report> experiment=<name> [overrides]`."""
+"""Single entry point: `python train.py stage=<teacher|generator|relabel|student|pipeline|report> experiment=<name> [overrides]`."""
 from __future__ import annotations
 
 import os
@@ -29,6 +29,12 @@ def _generator(cfg: DictConfig):
     return run_generator_stage(cfg)
 
 
+def _relabel(cfg: DictConfig):
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    return run_relabel_stage(cfg)
+
+
 def _pipeline(cfg: DictConfig):
     from lightning_modules.stages.pipeline import run_pipeline
 
@@ -41,8 +47,8 @@ def _report(cfg: DictConfig):
     return run_report(cfg)
 
 
-STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "student": _classifier("student"),
-          "pipeline": _pipeline, "report": _report}
+STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "relabel": _relabel,
+          "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 
 
 def run_stage(cfg: DictConfig):

@@ -1,8 +1,13 @@
-"""timm-backbone FER classifier LightningModule: the shared body of teachers and students.
+"""FER classifier LightningModules: the shared body of teachers and students.
 
-Soft-label cross-entropy (hard labels become one-hot rows, optional label smoothing), an optional AU
-regression head on the pooled features, torchmetrics accuracy / mean per-class accuracy / macro-F1, and a
-confusion matrix saved as PNG and logged to wandb at the end of testing.
+``FERClassifierBase`` holds everything that does not depend on the network: soft-label cross-entropy (hard labels
+become one-hot rows, optional label smoothing), the optional AU-regression loss, torchmetrics accuracy / mean
+per-class accuracy / macro-F1, the confusion matrix saved as PNG and logged to wandb at the end of testing, the
+predict output and AdamW + one-cycle schedule over the trainable parameters. A subclass provides
+``forward(image) -> {"logits", "features"[, "aus"]}``, an ``au_head`` attribute (or None) and saves its
+hyperparameters (``num_classes``, ``label_smoothing``, ``au_loss_weight``, ``lr``, ``weight_decay``,
+``warmup_fraction``). ``FERClassifier`` is the timm backbone; ``lightning_modules.feranno.FERAnnoTeacher`` classifies
+the generator's own UNet features.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import torch.nn as nn
 from datamodules.labels import AU_MAX_INTENSITY, EXPRESSIONS
 from lightning_modules.losses import hard_to_soft, masked_au_mse, smooth, soft_cross_entropy
 from lightning_modules.metrics import classification_metrics, confusion_matrix_metric, save_confusion_matrix
+
+# Checkpoint key naming the class that wrote it (``module.QualName``), read by ``teacher.load_fer_classifier``.
+CLASS_MARKER = "fer_classifier_class"
 
 
 def create_backbone(name: str, num_classes: int, pretrained: Optional[str] = None, in_chans: int = 3,
@@ -33,48 +41,32 @@ def create_backbone(name: str, num_classes: int, pretrained: Optional[str] = Non
     return timm.create_model(name, **kwargs)
 
 
-class FERClassifier(L.LightningModule):
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        num_classes: int = 8,
-        num_aus: int = 12,
-        pretrained: Optional[str] = None,
-        in_chans: int = 3,
-        drop_rate: float = 0.0,
-        au_head: bool = False,
-        au_loss_weight: float = 1.0,
-        label_smoothing: float = 0.0,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_fraction: float = 0.05,
-        class_names: Optional[Sequence[str]] = None,
-        channels_last: bool = True,
-    ):
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class FERClassifierBase(L.LightningModule):
+    """Losses, metrics, steps and optimiser of every FER classifier; the subclass supplies the network."""
+
+    def __init__(self, num_classes: int = 8, class_names: Optional[Sequence[str]] = None):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = create_backbone(backbone, num_classes, pretrained, in_chans, drop_rate)
-        if channels_last:  # ~25 % faster convolutions on CPU (measured: resnet18 48 px 127 -> 158 img/s)
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.au_head = nn.Linear(self.model.num_features, num_aus) if au_head else None
+        self.au_head: Optional[nn.Module] = None  # subclasses set an nn.Module to predict AU intensities
         self.class_names = list(class_names or EXPRESSIONS[:num_classes])
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
         self.test_confusion = confusion_matrix_metric(num_classes)
 
-    # ------------------------------------------------------------------ forward
-    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Pooled penultimate features (N, D): the embedding for AU regression, FID/KID and voting."""
-        if self.hparams.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.model.forward_head(self.model.forward_features(image), pre_logits=True)
+    @property
+    def display_name(self) -> str:
+        """Model name in figure titles."""
+        return type(self).__name__
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.forward_features(image)
-        out = {"logits": self.model.get_classifier()(features), "features": features}
-        if self.au_head is not None:
-            out["aus"] = torch.sigmoid(self.au_head(features)) * AU_MAX_INTENSITY
-        return out
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict_aus(self, features: torch.Tensor) -> torch.Tensor:
+        """AU intensities on the 0..5 scale from pooled features (needs ``au_head``)."""
+        return torch.sigmoid(self.au_head(features)) * AU_MAX_INTENSITY
 
     # ------------------------------------------------------------------ losses
     def _targets(self, batch: dict) -> torch.Tensor:
@@ -99,7 +91,7 @@ class FERClassifier(L.LightningModule):
         self.log("train/loss", losses["total"], prog_bar=True, batch_size=n)
         return losses["total"]
 
-    def _eval_step(self, batch: dict, stage: str, metrics) -> None:
+    def _eval_step(self, batch: dict, stage: str, metrics) -> torch.Tensor:
         out = self(batch["image"])
         losses = self._loss(batch, out)
         n = batch["image"].shape[0]
@@ -127,7 +119,7 @@ class FERClassifier(L.LightningModule):
             return
         out_dir = Path(self.trainer.default_root_dir)
         fig = save_confusion_matrix(matrix, self.class_names, out_dir / "confusion_matrix.png",
-                                    title=f"{self.hparams.backbone} test")
+                                    title=f"{self.display_name} test")
         for logger in self.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
                 logger.log_image(key="test/confusion_matrix", images=[fig])
@@ -144,13 +136,67 @@ class FERClassifier(L.LightningModule):
             pred["aus"] = out["aus"]
         return pred
 
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CLASS_MARKER] = class_path(type(self))
+
     # ------------------------------------------------------------------ optim
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.hparams.lr, total_steps=max(1, int(self.trainer.estimated_stepping_batches)),
             pct_start=self.hparams.warmup_fraction, anneal_strategy="cos")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class FERClassifier(FERClassifierBase):
+    """A timm backbone (+ optional AU-intensity head on its pooled features)."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 8,
+        num_aus: int = 12,
+        pretrained: Optional[str] = None,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        au_head: bool = False,
+        au_loss_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        class_names: Optional[Sequence[str]] = None,
+        channels_last: bool = True,
+    ):
+        super().__init__(num_classes, class_names)
+        self.save_hyperparameters()
+        self.model = create_backbone(backbone, num_classes, pretrained, in_chans, drop_rate)
+        if channels_last:  # ~25 % faster convolutions on CPU (measured: resnet18 48 px 127 -> 158 img/s)
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.au_head = nn.Linear(self.model.num_features, num_aus) if au_head else None
+
+    @property
+    def display_name(self) -> str:
+        return self.hparams.backbone
+
+    # ------------------------------------------------------------------ forward
+    def forward_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features (N, D): the embedding for AU regression, FID/KID and voting."""
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.model.forward_head(self.model.forward_features(image), pre_logits=True)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.forward_features(image)
+        out = {"logits": self.model.get_classifier()(features), "features": features}
+        if self.au_head is not None:
+            out["aus"] = self.predict_aus(features)
+        return out
 
 
 def _masked_mae(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

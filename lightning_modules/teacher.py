@@ -1,13 +1,18 @@
-"""FER teachers: the timm classifier with an AU-intensity head.
+"""FER teachers: the timm classifier with an AU-intensity head, and the generic checkpoint loader.
 
 The teacher labels and scores synthetic faces later (FER-Acc, AU fidelity, relabel votes), so its AU head is
-on by default: it is the suite's AU detector.
+on by default: it is the suite's AU detector. The FERAnno teacher (UNet features) lives in ``feranno.py``;
+``load_fer_classifier`` loads either kind (and students) from a checkpoint.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
-from lightning_modules.classifier import FERClassifier
+import torch
+
+from lightning_modules.classifier import CLASS_MARKER, FERClassifier, FERClassifierBase
 
 
 class FERTeacher(FERClassifier):
@@ -21,3 +26,42 @@ def load_teacher(path: str | Path, map_location: str = "cpu") -> FERTeacher:
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint not found: {path}")
     return FERTeacher.load_from_checkpoint(path, map_location=map_location).eval()
+
+
+def classifier_class(checkpoint: dict[str, Any]) -> type[FERClassifierBase]:
+    """The class that wrote a classifier checkpoint: its marker, else guessed from the hyperparameters (checkpoints
+    written before the marker existed: timm ones have ``backbone``, FERAnno ones ``generator_path``)."""
+    name = checkpoint.get(CLASS_MARKER)
+    if name:
+        module, _, qualname = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), qualname)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"checkpoint names an unknown classifier class {name!r}") from err
+        if not (isinstance(cls, type) and issubclass(cls, FERClassifierBase)):
+            raise ValueError(f"checkpoint class {name!r} is not a FER classifier")
+        return cls
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "generator_path" in hparams:
+        from lightning_modules.feranno import FERAnnoTeacher
+
+        return FERAnnoTeacher
+    if "backbone" in hparams:
+        return FERClassifier
+    raise ValueError("not a FER classifier checkpoint: no class marker and neither `backbone` nor "
+                     "`generator_path` in its hyperparameters")
+
+
+def load_fer_classifier(path: str | Path, map_location: str = "cpu", **overrides: Any) -> FERClassifierBase:
+    """Any trained FER classifier (timm teacher/student or FERAnno) from its Lightning checkpoint, in eval mode.
+
+    ``overrides`` replace saved hyperparameters, e.g. ``generator_path=`` when a FERAnno checkpoint's generator
+    folder has moved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier checkpoint not found: {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    cls = classifier_class(checkpoint)
+    del checkpoint
+    return cls.load_from_checkpoint(path, map_location=map_location, **overrides).eval()

@@ -1,13 +1,15 @@
-"""`stage=teacher` and `stage=student`: fit a timm FER classifier on the configured data, test on real data."""
+"""`stage=teacher` and `stage=student`: fit a FER classifier (timm backbone, or FERAnno on the generator's UNet
+features) on the configured data, test on real data; outputs go to `<run_dir>/<role>.name/` (default `<role>/`)."""
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import runtime
 from lightning_modules.runtime import require
@@ -16,22 +18,77 @@ from lightning_modules.runtime import require
 HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"], "student": ["data", "student", "trainer", "seed"]}
 
 
+RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun")
+
+
+def output_name(cfg: DictConfig, role: str) -> str:
+    """The stage's output folder (and checkpoint) name: ``<role>.name``, default the role itself."""
+    name = OmegaConf.select(cfg, f"{role}.name", default=None) or role
+    return str(name)
+
+
+def is_feranno(model: DictConfig) -> bool:
+    return "generator_path" in model
+
+
 def check_classifier_config(cfg: DictConfig, role: str) -> None:
     """Fail before any work, naming the key."""
+    model = cfg[role].model
+    name = output_name(cfg, role)
+    other = "student" if role == "teacher" else "teacher"
+    require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"{role}.name",
+            f"must be a plain folder name (letters, digits, _ . -), got {name!r}")
+    require(name not in RESERVED_NAMES and name != other, f"{role}.name",
+            f"{name!r} is another stage's output folder; pick a different name")
+    if is_feranno(model):
+        _check_feranno(model, role)
+    else:
+        _check_timm(model, role)
+    require(model.lr > 0, f"{role}.model.lr", f"must be > 0, got {model.lr}")
+    require(0 <= model.label_smoothing < 1, f"{role}.model.label_smoothing",
+            f"must be in [0, 1), got {model.label_smoothing}")
+    require(0 <= model.warmup_fraction < 1, f"{role}.model.warmup_fraction",
+            f"must be in [0, 1), got {model.warmup_fraction}")
+    require(int(cfg[role].max_epochs) >= 1, f"{role}.max_epochs", f"must be >= 1, got {cfg[role].max_epochs}")
+
+
+def _check_timm(model: DictConfig, role: str) -> None:
     import timm
 
-    model = cfg[role].model
     require(timm.is_model(model.backbone), f"{role}.model.backbone", f"unknown timm model {model.backbone!r}")
     if model.pretrained:
         require(Path(model.pretrained).is_file(), f"{role}.model.pretrained",
                 f"local weights file not found: {model.pretrained} (weights are never downloaded)")
-    require(model.lr > 0, f"{role}.model.lr", f"must be > 0, got {model.lr}")
-    require(0 <= model.label_smoothing < 1, f"{role}.model.label_smoothing",
-            f"must be in [0, 1), got {model.label_smoothing}")
     require(0 <= model.drop_rate < 1, f"{role}.model.drop_rate", f"must be in [0, 1), got {model.drop_rate}")
-    require(0 <= model.warmup_fraction < 1, f"{role}.model.warmup_fraction",
-            f"must be in [0, 1), got {model.warmup_fraction}")
-    require(int(cfg[role].max_epochs) >= 1, f"{role}.max_epochs", f"must be >= 1, got {cfg[role].max_epochs}")
+
+
+def _check_feranno(model: DictConfig, role: str) -> None:
+    from lightning_modules import feranno
+
+    key = f"{role}.model"
+    try:
+        path = feranno.check_generator_path(model.generator_path, f"{key}.generator_path")
+    except FileNotFoundError as err:
+        raise runtime.ConfigError(f"{key}.generator_path", str(err)) from err
+    horizon = feranno.num_train_timesteps(path)
+    timestep = model.get("timestep", 25)
+    require(isinstance(timestep, int) and 0 < timestep < horizon, f"{key}.timestep",
+            f"must be an integer with 0 < t < {horizon} (the generator scheduler's num_train_timesteps), "
+            f"got {timestep}")
+    noise = model.get("noise", "add")
+    require(noise in feranno.NOISE_MODES, f"{key}.noise", f"must be one of {feranno.NOISE_MODES}, got {noise!r}")
+    require(int(model.get("pool_size", 4)) >= 1, f"{key}.pool_size", f"must be >= 1, got {model.get('pool_size')}")
+    dim, heads = int(model.get("fusion_dim", 128)), int(model.get("fusion_heads", 4))
+    require(dim >= 1 and heads >= 1 and dim % heads == 0, f"{key}.fusion_dim",
+            f"must be a positive multiple of fusion_heads ({heads}), got {dim}")
+    require(0 <= model.get("dropout", 0.0) < 1, f"{key}.dropout", f"must be in [0, 1), got {model.get('dropout')}")
+    blocks = model.get("feature_blocks")
+    if blocks is not None:
+        n_up = feranno.num_up_blocks(path)
+        ok = len(blocks) > 0 and len(set(blocks)) == len(blocks) and all(isinstance(b, int) for b in blocks)
+        require(ok and (n_up is None or all(0 <= b < n_up for b in blocks)), f"{key}.feature_blocks",
+                f"must be distinct indices of the UNet's up_blocks (0..{'?' if n_up is None else n_up - 1}) or "
+                f"null for all, got {list(blocks)}")
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -42,17 +99,19 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 
 def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
-    """Fit + test; writes config.yaml, checkpoints, <role>.ckpt (best), metrics.json, confusion_matrix.png."""
+    """Fit + test; writes config.yaml, checkpoints, <name>.ckpt (best), metrics.json, confusion_matrix.png into
+    ``<run_dir>/<name>/`` (``name`` = ``<role>.name``, default the role: teacher/, student/)."""
     check_classifier_config(cfg, role)
+    name = output_name(cfg, role)
     datamodule = build_datamodule(cfg)
-    out_dir = runtime.stage_dir(cfg, role)
+    out_dir = runtime.stage_dir(cfg, name)
     runtime.clear_stage(out_dir)  # a rerun must not be mistaken for done, nor pick up stale checkpoints
     runtime.save_resolved_config(cfg, out_dir)
     L.seed_everything(int(cfg.seed), workers=True)
     model = hydra.utils.instantiate(cfg[role].model, num_classes=datamodule.num_classes,
                                     num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
                                     _convert_="all")
-    trainer, loggers = runtime.build_trainer(cfg, out_dir, role, int(cfg[role].max_epochs))
+    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, int(cfg[role].max_epochs))
     start = time.time()
     try:
         trainer.fit(model, datamodule=datamodule)
@@ -64,10 +123,10 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     metrics = {}
     if trainer.is_global_zero:
         if best:
-            shutil.copyfile(best, out_dir / f"{role}.ckpt")
+            shutil.copyfile(best, out_dir / f"{name}.ckpt")
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s, "epochs": trainer.current_epoch,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
-                   "checkpoint": str(out_dir / f"{role}.ckpt") if best else None,
+                   "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
                    "data": datamodule.summary(), "world_size": trainer.world_size,
                    "train_batches_per_epoch": trainer.num_training_batches}
         runtime.write_metrics(out_dir, metrics)

@@ -1,0 +1,162 @@
+"""`stage=relabel`: FERAnno and the timm teachers predict every synthetic face (``trainer.predict``, DDP-able),
+the ensemble vote (voting.py) turns their probabilities into hard / soft / dropped labels, and the relabelled
+set is written with a data card. Nothing is deleted: dropped faces stay with ``kept = false``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules import runtime
+from lightning_modules.runtime import ConfigError, require
+
+HASH_KEYS = ["relabel", "trainer", "seed"]
+
+
+class VoterEnsemble(L.LightningModule):
+    """Frozen voters side by side: ``predict_step`` -> their softmax probabilities (V, B, K) per batch."""
+
+    def __init__(self, voters: dict[str, nn.Module]):
+        super().__init__()
+        self.names = list(voters)
+        self.voters = nn.ModuleList(v.eval().requires_grad_(False) for v in voters.values())
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        probs = torch.stack([v(batch["image"])["logits"].float().softmax(-1) for v in self.voters])
+        return {"sample_id": list(batch["sample_id"]), "probs": probs.cpu()}
+
+
+class RankPredictionWriter(BasePredictionWriter):
+    """Each rank writes its own predictions file; rank 0 merges them after a barrier."""
+
+    def __init__(self, directory: Path):
+        super().__init__(write_interval="epoch")
+        self.directory = directory
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        ids = [i for p in predictions for i in p["sample_id"]]
+        probs = torch.cat([p["probs"] for p in predictions], dim=1) if predictions else torch.empty(0)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"sample_id": ids, "probs": probs}, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def check_relabel_config(cfg: DictConfig) -> None:
+    from datamodules.synthetic import read_manifest
+
+    rl = cfg.relabel
+    require(bool(rl.enabled), "relabel.enabled", "relabeling is off in this config (the ablation without relabel)")
+    inputs = [rl.input] if isinstance(rl.input, str) else list(rl.input)
+    require(len(inputs) > 0, "relabel.input", "no synthetic set given")
+    for path in inputs:
+        try:
+            read_manifest(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError("relabel.input", f"{err} (run the generator evaluation or stage=synthesize first)")
+    require(rl.voters is not None and len(rl.voters) > 0, "relabel.voters", "at least one voter is needed")
+    for name, voter in rl.voters.items():
+        require(Path(str(voter.checkpoint)).is_file(), f"relabel.voters.{name}.checkpoint",
+                f"checkpoint not found: {voter.checkpoint}")
+        require(float(voter.get("weight", 1.0)) >= 0, f"relabel.voters.{name}.weight", "must be >= 0")
+    require(sum(float(v.get("weight", 1.0)) for v in rl.voters.values()) > 0, "relabel.voters",
+            "all voter weights are 0")
+    require(0.0 <= float(rl.threshold) <= 1.0, "relabel.threshold", f"must be in [0, 1], got {rl.threshold}")
+    require(int(rl.batch_size) >= 1, "relabel.batch_size", f"must be >= 1, got {rl.batch_size}")
+
+
+def load_voters(cfg: DictConfig) -> dict[str, nn.Module]:
+    from lightning_modules.teacher import load_fer_classifier
+
+    voters = {name: load_fer_classifier(str(v.checkpoint)) for name, v in cfg.relabel.voters.items()}
+    classes = {name: int(v.hparams.num_classes) for name, v in voters.items()}
+    if len(set(classes.values())) != 1:
+        raise ConfigError("relabel.voters", f"voters disagree on the number of classes: {classes}")
+    return voters
+
+
+def merge_predictions(directory: Path, world_size: int, expected_ids: list[str]) -> torch.Tensor:
+    """(V, N, K) probabilities in ``expected_ids`` order from the per-rank files; every id exactly once."""
+    ids, probs = [], []
+    for rank in range(world_size):
+        part = torch.load(directory / f"rank{rank}.pt")
+        ids += part["sample_id"]
+        if len(part["sample_id"]):
+            probs.append(part["probs"])
+    if len(ids) != len(set(ids)):
+        raise RuntimeError(f"relabel: {len(ids) - len(set(ids))} sample ids were predicted more than once")
+    missing = set(expected_ids) - set(ids)
+    if missing or len(ids) != len(expected_ids):
+        raise RuntimeError(f"relabel: {len(missing)} sample ids were not predicted (e.g. {sorted(missing)[:3]})")
+    stacked = torch.cat(probs, dim=1)
+    position = {sid: i for i, sid in enumerate(ids)}
+    return stacked[:, [position[sid] for sid in expected_ids]]
+
+
+def run_relabel_stage(cfg: DictConfig) -> dict:
+    from torch.utils.data import DataLoader
+
+    from datamodules.synthetic import SyntheticFERDataset, load_synthetic, write_dataset
+    from lightning_modules.voting import data_card, data_card_markdown, ensemble_vote
+
+    check_relabel_config(cfg)
+    rl = cfg.relabel
+    out_dir = runtime.stage_dir(cfg, "relabel")
+    runtime.clear_stage(out_dir)
+    runtime.save_resolved_config(cfg, out_dir)
+    inputs = [rl.input] if isinstance(rl.input, str) else list(rl.input)
+    dataset = load_synthetic(inputs)
+    sample_ids = list(dataset["sample_id"])
+    if len(sample_ids) != len(set(sample_ids)):
+        raise ValueError(f"relabel.input {inputs}: sample ids are not unique")
+    voters = load_voters(cfg)
+    first = next(iter(voters.values()))
+    num_classes = int(first.hparams.num_classes)
+    class_names = list(getattr(first, "class_names", [str(c) for c in range(num_classes)]))
+    loader = DataLoader(SyntheticFERDataset(dataset, int(rl.image_size), num_classes, use_relabel=False,
+                                            kept_only=False),
+                        batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
+    pred_dir = out_dir / "predictions"
+    loggers = runtime.build_loggers(cfg, out_dir, "relabel")
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.pop("max_steps", None)
+    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False,
+                        callbacks=[RankPredictionWriter(pred_dir)], **trainer_args)
+    start = time.time()
+    metrics: dict = {}
+    try:
+        trainer.predict(VoterEnsemble(voters), loader, return_predictions=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            probs = merge_predictions(pred_dir, trainer.world_size, sample_ids)
+            weights = [float(v.get("weight", 1.0)) for v in rl.voters.values()]
+            result = ensemble_vote(probs, float(rl.threshold), weights)
+            conditioned = torch.tensor(dataset["target_label"])
+            card = data_card(conditioned, result, class_names)
+            card["voter_accuracy_vs_condition"] = {
+                name: (probs[v].argmax(-1) == conditioned).float().mean().item() for v, name in enumerate(voters)}
+            relabelled = dataset
+            for v, name in enumerate(voters):
+                relabelled = relabelled.add_column(f"probs/{name}", probs[v].tolist())
+            for column, values in (("final_label", result.final_label), ("soft_label", result.soft_label),
+                                   ("is_soft", result.is_soft), ("confidence", result.confidence),
+                                   ("voters_agree", result.voters_agree), ("kept", result.kept)):
+                relabelled = relabelled.add_column(column, values.tolist())
+            write_dataset(out_dir / "dataset", relabelled,
+                          meta={"source": [str(p) for p in inputs], "voters": list(voters),
+                                "threshold": float(rl.threshold)})
+            runtime.write_json_atomic(out_dir / "data_card.json", card)
+            (out_dir / "data_card.md").write_text(data_card_markdown(card))
+            metrics = {"seconds": time.time() - start, "world_size": trainer.world_size,
+                       "dataset": str(out_dir / "dataset"), "data_card": card}
+            for lg in loggers:
+                lg.log_metrics({f"relabel/{k}": v for k, v in card.items() if isinstance(v, (int, float))})
+    finally:
+        runtime.finish_loggers(loggers)
+    if trainer.is_global_zero:
+        runtime.write_metrics(out_dir, metrics)
+        runtime.mark_done(out_dir, runtime.config_hash(cfg, HASH_KEYS))
+    return metrics

@@ -1,0 +1,184 @@
+"""`stage=relabel` and the synthetic store: voters predict every face once, the vote is stored, nothing is lost."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY
+from datamodules.synthetic import (MANIFEST, SyntheticFERDataset, load_synthetic, read_manifest, to_pil,
+                                   write_shard)
+from lightning_modules.runtime import ConfigError
+
+N_FACES = 40
+
+
+def _faces(n: int):
+    from datamodules.real import toy_records
+    from datamodules.toyfaces import ToyFacesConfig
+
+    return toy_records(ToyFacesConfig(image_size=32, seed=5), "test", n, progress=False)
+
+
+def write_toy_synthetic_set(directory: Path, n: int = N_FACES, shards: int = 2) -> list[str]:
+    """Toy faces stored as a synthetic set, in ``shards`` shards; returns the sample ids in order."""
+    import numpy as np
+
+    records = _faces(n)
+    ids = []
+    per = (n + shards - 1) // shards
+    for s in range(shards):
+        part = records[s * per:(s + 1) * per]
+        images = torch.stack([torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1) for r in part]).float() / 255
+        rows = {"image": to_pil(images), "sample_id": [f"syn-{s}-{i}" for i in range(len(part))],
+                "seed": list(range(len(part))), "target_label": [r.label for r in part],
+                "target_aus": [r.aus.tolist() for r in part], "au_mask": [r.au_mask.tolist() for r in part],
+                "caption": [r.caption for r in part], "guidance": ["{}"] * len(part)}
+        write_shard(directory, f"shard-{s:05d}", rows)
+        ids += rows["sample_id"]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def voters(tmp_path_factory):
+    """Two tiny timm teachers trained for one epoch with different seeds (they will disagree on some faces)."""
+    from conftest import compose
+    from lightning_modules.stages.classifier_stage import run_classifier_stage
+
+    paths = []
+    for seed in (0, 1):
+        run = tmp_path_factory.mktemp(f"voter{seed}")
+        cfg = compose([*TINY, f"seed={seed}"], run / "run")
+        run_classifier_stage(cfg, "teacher")
+        paths.append(run / "run" / "teacher" / "teacher.ckpt")
+    return paths
+
+
+@pytest.fixture
+def synthetic_set(tmp_path):
+    directory = tmp_path / "synthetic"
+    return directory, write_toy_synthetic_set(directory)
+
+
+def _relabel_overrides(synthetic_dir, voters, threshold=0.3):
+    return [f"relabel.input={synthetic_dir}", f"relabel.voters.feranno.checkpoint={voters[0]}",
+            f"relabel.voters.teacher.checkpoint={voters[1]}", f"relabel.threshold={threshold}",
+            "relabel.batch_size=16"]
+
+
+# ---------------------------------------------------------------------- the store
+def test_store_roundtrip_and_reader(synthetic_set):
+    directory, ids = synthetic_set
+    manifest = read_manifest(directory)
+    assert manifest["count"] == N_FACES and [s["count"] for s in manifest["shards"]] == [20, 20]
+    dataset = load_synthetic(directory)
+    assert list(dataset["sample_id"]) == ids
+    reader = SyntheticFERDataset(dataset, image_size=32, num_classes=8)
+    item = reader[3]
+    assert item["image"].shape == (3, 32, 32) and -1 <= item["image"].min() and item["image"].max() <= 1
+    assert item["label"] == dataset[3]["target_label"] and item["aus"].shape == (12,)
+    assert "soft_label" not in item
+
+
+def test_store_errors(synthetic_set, tmp_path):
+    directory, _ = synthetic_set
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        load_synthetic(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="already exists"):
+        write_toy_synthetic_set(directory, n=4, shards=1)
+    with pytest.raises(ValueError, match="lacks columns"):
+        write_shard(tmp_path / "bad", "s0", {"image": [], "sample_id": []})
+    (directory / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_synthetic(directory)
+
+
+def test_truncated_or_missing_shard_is_detected(synthetic_set):
+    directory, _ = synthetic_set
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["shards"][0]["count"] = 21
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest says 21"):
+        load_synthetic(directory)
+    manifest["shards"][0]["name"] = "gone"
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_synthetic(directory)
+
+
+# ---------------------------------------------------------------------- the stage
+def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_set):
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+    from lightning_modules.teacher import load_fer_classifier
+
+    directory, ids = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters))
+    metrics = run_relabel_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "relabel"
+    relabelled = load_synthetic(out / "dataset")
+    assert list(relabelled["sample_id"]) == ids                       # every face, once, in order
+    for column in ("probs/feranno", "probs/teacher", "final_label", "soft_label", "is_soft", "kept"):
+        assert column in relabelled.column_names
+    # the stored probabilities are the voters' own predictions on the stored images
+    voter = load_fer_classifier(voters[1])
+    reader = SyntheticFERDataset(relabelled, 32, 8, use_relabel=False, kept_only=False)
+    batch = torch.stack([reader[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        expected = voter(batch)["logits"].softmax(-1)
+    assert torch.allclose(torch.tensor(relabelled["probs/teacher"][:4]), expected, atol=1e-5)
+    card = json.loads((out / "data_card.json").read_text())
+    assert card["total"] == N_FACES and card["kept"] + card["dropped"] == N_FACES
+    assert sum(row["before"] for row in card["per_class"]) == N_FACES
+    assert "agreement" in (out / "data_card.md").read_text().lower()
+    assert metrics["data_card"]["total"] == N_FACES
+    # the reader serves kept faces only, with the relabelled (soft) labels
+    kept = SyntheticFERDataset(relabelled, 32, 8)
+    assert len(kept) == card["kept"]
+    if len(kept):
+        assert "soft_label" in kept[0] and kept[0]["soft_label"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_relabel_threshold_one_drops_but_keeps_every_row(tiny_cfg, voters, synthetic_set):
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    directory, _ = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters, threshold=1.0))
+    run_relabel_stage(cfg)
+    relabelled = load_synthetic(Path(cfg.paths.run_dir) / "relabel" / "dataset")
+    assert len(relabelled) == N_FACES and not any(relabelled["kept"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("relabel.input=/nowhere", "relabel.input"),
+    ("relabel.voters.teacher.checkpoint=/nowhere.ckpt", "relabel.voters.teacher.checkpoint"),
+    ("relabel.threshold=1.5", "relabel.threshold"),
+    ("relabel.voters.teacher.weight=-1", "relabel.voters.teacher.weight"),
+])
+def test_relabel_config_errors(tiny_cfg, voters, synthetic_set, override, key):
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    directory, _ = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters), override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_relabel_stage(cfg)
+
+
+@pytest.mark.slow
+def test_relabel_under_two_process_ddp_covers_every_id_once(tmp_path, voters, synthetic_set):
+    directory, ids = synthetic_set
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "stage=relabel", "trainer=ddp_cpu", *TINY, *_relabel_overrides(directory, voters),
+           f"output_root={tmp_path}", "experiment_name=ddp"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ddp" / "relabel"
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    parts = [torch.load(out / "predictions" / f"rank{r}.pt")["sample_id"] for r in (0, 1)]
+    assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])   # both ranks worked, on distinct faces
+    relabelled = load_synthetic(out / "dataset")
+    assert list(relabelled["sample_id"]) == ids
