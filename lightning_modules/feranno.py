@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_modules.guidance import ddim_inversion_step  # noqa: F401  (re-exported for FERAnno users)
 from lightning_modules.classifier import FERClassifierBase
 
 NOISE_MODES = ("add", "invert")
@@ -63,33 +64,6 @@ def check_timestep(timestep: int, horizon: int, key: str = f"{KEY}.timestep") ->
     if int(timestep) != timestep or not 0 < int(timestep) < horizon:
         raise ValueError(f"{key} must be an integer with 0 < t < {horizon} (the scheduler's num_train_timesteps), "
                          f"got {timestep}")
-
-
-def ddim_inversion_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_from: torch.Tensor,
-                        alpha_to: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
-    """One deterministic DDIM inversion step from noise level ᾱ_from to ᾱ_to (``DDIMInverseScheduler.step``):
-    ``x_to = sqrt(ᾱ_to) · x̂0 + sqrt(1 − ᾱ_to) · ε̂`` with x̂0, ε̂ from the model output at ᾱ_from."""
-    a_from, a_to = (_per_sample(a, sample) for a in (alpha_from, alpha_to))
-    b_from = 1 - a_from
-    if prediction_type == "epsilon":
-        eps = model_output
-        x0 = (sample - b_from.sqrt() * eps) / a_from.sqrt()
-    elif prediction_type == "v_prediction":
-        x0 = a_from.sqrt() * sample - b_from.sqrt() * model_output
-        eps = a_from.sqrt() * model_output + b_from.sqrt() * sample
-    elif prediction_type == "sample":
-        x0 = model_output
-        eps = (sample - a_from.sqrt() * x0) / b_from.sqrt()
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon | v_prediction | sample)")
-    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
-
-
-def _per_sample(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    alpha = torch.as_tensor(alpha, device=like.device, dtype=like.dtype)
-    while alpha.ndim < like.ndim:
-        alpha = alpha.unsqueeze(-1)
-    return alpha
 
 
 class FeatureTap:

@@ -49,9 +49,7 @@ def combine_guidance(plan: GuidancePlan, eps: dict[str, torch.Tensor]) -> torch.
 def predict_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor,
                prediction_type: str = "epsilon") -> torch.Tensor:
     """Clean-sample estimate x̂0 from x_t and the model output (ε, v or x0 parametrisation)."""
-    alpha_bar = alpha_bar.to(sample.dtype)
-    while alpha_bar.ndim < sample.ndim:
-        alpha_bar = alpha_bar.unsqueeze(-1)
+    alpha_bar = _expand(torch.as_tensor(alpha_bar).to(sample), sample)
     if prediction_type == "epsilon":
         return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
     if prediction_type == "v_prediction":
@@ -64,7 +62,7 @@ def predict_x0(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torc
 def predict_epsilon(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: torch.Tensor,
                     prediction_type: str = "epsilon") -> torch.Tensor:
     """The noise estimate ε̂ from x_t and the model output (ε, v or x0 parametrisation)."""
-    alpha_bar = _expand(alpha_bar.to(sample.dtype), sample)
+    alpha_bar = _expand(torch.as_tensor(alpha_bar).to(sample), sample)
     if prediction_type == "epsilon":
         return model_output
     if prediction_type == "v_prediction":
@@ -81,7 +79,7 @@ def ddim_inversion_step(sample: torch.Tensor, model_output: torch.Tensor, alpha_
     the sampler's own timestep grid (any sampler), which DDIMInverseScheduler's fixed grid does not offer."""
     x0 = predict_x0(sample, model_output, alpha_bar_from, prediction_type)
     eps = predict_epsilon(sample, model_output, alpha_bar_from, prediction_type)
-    alpha_bar_to = _expand(alpha_bar_to.to(sample.dtype), sample)
+    alpha_bar_to = _expand(torch.as_tensor(alpha_bar_to).to(sample), sample)
     return alpha_bar_to.sqrt() * x0 + (1 - alpha_bar_to).sqrt() * eps
 
 

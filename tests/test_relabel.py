@@ -65,7 +65,7 @@ def synthetic_set(tmp_path):
     return directory, write_toy_synthetic_set(directory)
 
 
-def _relabel_overrides(synthetic_dir, voters, threshold=0.3):
+def _relabel_overrides(synthetic_dir, voters, threshold=0.0):  # 1-epoch voters are near-uniform
     return [f"relabel.input={synthetic_dir}", f"relabel.voters.feranno.checkpoint={voters[0]}",
             f"relabel.voters.teacher.checkpoint={voters[1]}", f"relabel.threshold={threshold}",
             "relabel.batch_size=16"]
@@ -134,7 +134,8 @@ def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_se
     card = json.loads((out / "data_card.json").read_text())
     assert card["total"] == N_FACES and card["kept"] + card["dropped"] == N_FACES
     assert sum(row["before"] for row in card["per_class"]) == N_FACES
-    assert "agreement" in (out / "data_card.md").read_text().lower()
+    assert "condition" in (out / "data_card.md").read_text().lower()
+    assert card["kept"] > 0
     assert metrics["data_card"]["total"] == N_FACES
     # the reader serves kept faces only, with the relabelled (soft) labels
     kept = SyntheticFERDataset(relabelled, 32, 8)
