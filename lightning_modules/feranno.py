@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.guidance import ddim_inversion_step  # noqa: F401  (re-exported for FERAnno users)
 from lightning_modules.classifier import FERClassifierBase
+from lightning_modules.guidance import ddim_inversion_step
 
 NOISE_MODES = ("add", "invert")
 FROZEN_PREFIX = "diffusion."  # state-dict prefix of the frozen generator parts (dropped from checkpoints)

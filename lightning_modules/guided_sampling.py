@@ -64,13 +64,13 @@ def guidance_gradients(pipe, latents: torch.Tensor, t, state, guidance: Semantic
         x0 = predict_x0(x, out, alpha_bar, pipe.scheduler.config.prediction_type)
         scores = guide(decode_differentiable(pipe, x0))
         text_grad = latent_grad = None
+        ce = expression_loss(scores["logits"], labels) if labels is not None else None
         if guidance.embedding_scale > 0:
-            ce = expression_loss(scores["logits"], labels)
             text_grad = torch.autograd.grad(ce, text, retain_graph=guidance.latent_enabled)[0]
         if guidance.latent_enabled:
             loss = x.new_zeros(())
             if guidance.classifier_scale > 0:
-                loss = loss + guidance.classifier_scale * expression_loss(scores["logits"], labels)
+                loss = loss + guidance.classifier_scale * ce
             if guidance.au_scale > 0:
                 if "aus" not in scores:
                     raise ValueError("AU guidance needs a guidance classifier with an AU head")

@@ -29,8 +29,8 @@ def load_teacher(path: str | Path, map_location: str = "cpu") -> FERTeacher:
 
 
 def classifier_class(checkpoint: dict[str, Any]) -> type[FERClassifierBase]:
-    """The class that wrote a classifier checkpoint: its marker, else guessed from the hyperparameters (checkpoints
-    written before the marker existed: timm ones have ``backbone``, FERAnno ones ``generator_path``)."""
+    """The class that wrote a classifier checkpoint: its marker, else (timm checkpoints written before the marker
+    existed) FERClassifier when the hyperparameters name a ``backbone``."""
     name = checkpoint.get(CLASS_MARKER)
     if name:
         module, _, qualname = name.rpartition(".")
@@ -42,14 +42,9 @@ def classifier_class(checkpoint: dict[str, Any]) -> type[FERClassifierBase]:
             raise ValueError(f"checkpoint class {name!r} is not a FER classifier")
         return cls
     hparams = checkpoint.get("hyper_parameters") or {}
-    if "generator_path" in hparams:
-        from lightning_modules.feranno import FERAnnoTeacher
-
-        return FERAnnoTeacher
     if "backbone" in hparams:
         return FERClassifier
-    raise ValueError("not a FER classifier checkpoint: no class marker and neither `backbone` nor "
-                     "`generator_path` in its hyperparameters")
+    raise ValueError("not a FER classifier checkpoint: no class marker and no `backbone` in its hyperparameters")
 
 
 def load_fer_classifier(path: str | Path, map_location: str = "cpu", **overrides: Any) -> FERClassifierBase:

@@ -183,3 +183,37 @@ def test_relabel_under_two_process_ddp_covers_every_id_once(tmp_path, voters, sy
     assert parts[0] and parts[1] and not set(parts[0]) & set(parts[1])   # both ranks worked, on distinct faces
     relabelled = load_synthetic(out / "dataset")
     assert list(relabelled["sample_id"]) == ids
+
+
+def test_merge_predictions_orders_by_id_and_rejects_duplicates_and_gaps(tmp_path):
+    from lightning_modules.stages.relabel_stage import merge_predictions
+
+    probs = torch.softmax(torch.randn(2, 4, 3), -1)  # 2 voters, 4 faces
+    ids = ["a", "b", "c", "d"]
+
+    def write(parts):
+        for rank, (names, cols) in enumerate(parts):
+            torch.save({"sample_id": names, "probs": probs[:, cols]}, tmp_path / f"rank{rank}.pt")
+
+    write([(["c", "a"], [2, 0]), (["b", "d"], [1, 3])])  # interleaved, as a distributed sampler splits
+    assert torch.equal(merge_predictions(tmp_path, 2, ids), probs)
+    write([(["c", "a"], [2, 0]), (["a", "d"], [0, 3])])
+    with pytest.raises(RuntimeError, match="more than once"):
+        merge_predictions(tmp_path, 2, ids)
+    write([(["c", "a"], [2, 0]), (["d"], [3])])
+    with pytest.raises(RuntimeError, match="not predicted"):
+        merge_predictions(tmp_path, 2, ids)
+
+
+def test_voters_with_different_class_counts_are_a_config_error(tiny_cfg, voters, synthetic_set, tmp_path):
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+    from lightning_modules.student import FERStudent
+
+    four = FERStudent(backbone="resnet18", num_classes=4, channels_last=False)
+    ckpt = {"state_dict": four.state_dict(), "hyper_parameters": dict(four.hparams),
+            "fer_classifier_class": "lightning_modules.student.FERStudent", "pytorch-lightning_version": "2.6.0"}
+    torch.save(ckpt, tmp_path / "four.ckpt")
+    directory, _ = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters), f"relabel.voters.teacher.checkpoint={tmp_path / 'four.ckpt'}")
+    with pytest.raises(ConfigError, match="number of classes"):
+        run_relabel_stage(cfg)

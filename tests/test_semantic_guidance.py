@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_modules.generator_pipeline import SynFERPipeline
 from lightning_modules.guidance import SemanticGuidance
 from lightning_modules.guided_sampling import ClassifierGuide, encode_images, invert_to
-from tests.test_generator_pipeline import _add_au_adapter, _scheduler, _text_encoder_and_tokenizer, _unet
+from tests.test_generator_pipeline import _add_au_adapter, pixel_pipe  # noqa: F401  (pixel_pipe: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,13 +35,9 @@ class TinyClassifier(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.manual_seed(1)
-    text, tok = _text_encoder_and_tokenizer()
-    p = SynFERPipeline(unet=_unet(3), scheduler=_scheduler(), text_encoder=text, tokenizer=tok, vae=None,
-                       image_size=16)
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(pixel_pipe):  # noqa: F811
+    """The tiny 16 px pixel-space pipeline of test_generator_pipeline.py."""
+    return pixel_pipe
 
 
 @pytest.fixture(scope="module")

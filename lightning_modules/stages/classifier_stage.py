@@ -70,11 +70,10 @@ def _check_feranno(model: DictConfig, role: str) -> None:
         path = feranno.check_generator_path(model.generator_path, f"{key}.generator_path")
     except FileNotFoundError as err:
         raise runtime.ConfigError(f"{key}.generator_path", str(err)) from err
-    horizon = feranno.num_train_timesteps(path)
-    timestep = model.get("timestep", 25)
-    require(isinstance(timestep, int) and 0 < timestep < horizon, f"{key}.timestep",
-            f"must be an integer with 0 < t < {horizon} (the generator scheduler's num_train_timesteps), "
-            f"got {timestep}")
+    try:
+        feranno.check_timestep(model.get("timestep", 25), feranno.num_train_timesteps(path), f"{key}.timestep")
+    except ValueError as err:
+        raise runtime.ConfigError(f"{key}.timestep", str(err)) from err
     noise = model.get("noise", "add")
     require(noise in feranno.NOISE_MODES, f"{key}.noise", f"must be one of {feranno.NOISE_MODES}, got {noise!r}")
     require(int(model.get("pool_size", 4)) >= 1, f"{key}.pool_size", f"must be >= 1, got {model.get('pool_size')}")

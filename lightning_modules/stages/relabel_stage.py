@@ -3,6 +3,7 @@ the ensemble vote (voting.py) turns their probabilities into hard / soft / dropp
 set is written with a data card. Nothing is deleted: dropped faces stay with ``kept = false``."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                                             kept_only=False),
                         batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
     pred_dir = out_dir / "predictions"
+    shutil.rmtree(pred_dir, ignore_errors=True)  # an earlier run's rank files must never be merged
     loggers = runtime.build_loggers(cfg, out_dir, "relabel")
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
