@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from datamodules.toyfaces_render import HAIR_STYLES, FaceParams, render_face
 __all__ = [
     "ToyFacesConfig", "ToyFace", "FaceParams", "SPLIT_OFFSETS", "EXPRESSION_PROTOTYPES", "EXPRESSION_OPTIONAL_AUS",
     "CONFUSABLE_CLASSES", "AFFECTNET_TRAIN_COUNTS", "sample_toyface", "render_face", "make_split", "class_counts",
-    "class_distribution", "sample_labels", "sample_face_params", "sample_expression", "caption_for", "save_sample_grid",
+    "class_distribution", "sample_labels", "sample_face_params", "sample_expression", "caption_for", "au_cues",
+    "hair_phrase", "save_sample_grid",
 ]
 
 SPLIT_OFFSETS: dict[str, int] = {"train": 0, "val": 10_000_000, "test": 20_000_000}
@@ -237,28 +238,46 @@ _CUES: dict[int, str] = {
 }
 
 
+def hair_phrase(colour: str, style: str) -> str:
+    """Caption words for a hair colour + style ('short dark hair', 'a shaved head'); plans reuse them."""
+    return {"none": "a shaved head", "short": f"short {colour} hair", "long": f"long {colour} hair",
+            "fringe": f"{colour} hair with a fringe"}[style]
+
+
+def au_cues(aus_by_au: Mapping[int, float], threshold: float = 1.0, max_cues: int = 3,
+            unilateral: bool = False) -> list[str]:
+    """Plain-language cues of the AUs at or above ``threshold``, strongest first, at most ``max_cues``.
+
+    ``aus_by_au`` maps AU number -> intensity; missing AUs count as 0 and AUs without a phrase are ignored, so
+    any vocabulary works. AU1+AU2 merge into one cue; ``unilateral`` words AU12 as a smirk (contempt). The
+    captions of the toy set and of synthesis plans share these words, so a generator trained on one reads the
+    other. Empty list = no cue (callers say "neutral expression").
+    """
+    a1, a2 = float(aus_by_au.get(1, 0.0)), float(aus_by_au.get(2, 0.0))
+    cues: list[tuple[float, str]] = []
+    if a1 >= threshold and a2 >= threshold:
+        cues.append((max(a1, a2), "eyebrows raised"))
+    elif a1 >= threshold:
+        cues.append((a1, "inner brows raised"))
+    elif a2 >= threshold:
+        cues.append((a2, "outer brows raised"))
+    for au, phrase in _CUES.items():
+        value = float(aus_by_au.get(au, 0.0))
+        if value >= threshold:
+            if au == 12 and unilateral:
+                phrase = "smirking with one mouth corner raised"
+            cues.append((value, phrase))
+    cues.sort(key=lambda c: -c[0])  # stable: ties keep the fixed phrase order
+    return [p for _, p in cues[:max_cues]]
+
+
 def caption_for(aus: np.ndarray, words: dict, hair_style: str, glasses: bool = False, unilateral: bool = False,
                 threshold: float = 1.0, max_cues: int = 3) -> str:
     """'a close-up photo of a person with short dark hair, fair skin, smiling, cheeks raised' (cues from AUs)."""
-    a = dict(zip(DISFA_AUS, (float(x) for x in aus)))
-    colour = words["hair_colour"]
-    hair = {"none": "a shaved head", "short": f"short {colour} hair", "long": f"long {colour} hair",
-            "fringe": f"{colour} hair with a fringe"}[hair_style]
-    cues: list[tuple[float, str]] = []
-    if a[1] >= threshold and a[2] >= threshold:
-        cues.append((max(a[1], a[2]), "eyebrows raised"))
-    elif a[1] >= threshold:
-        cues.append((a[1], "inner brows raised"))
-    elif a[2] >= threshold:
-        cues.append((a[2], "outer brows raised"))
-    for au, phrase in _CUES.items():
-        if a[au] >= threshold:
-            if au == 12 and unilateral:
-                phrase = "smirking with one mouth corner raised"
-            cues.append((a[au], phrase))
-    cues.sort(key=lambda c: -c[0])
-    expression = ", ".join(p for _, p in cues[:max_cues]) if cues else "neutral expression"
+    cues = au_cues(dict(zip(DISFA_AUS, (float(x) for x in aus))), threshold, max_cues, unilateral)
+    expression = ", ".join(cues) if cues else "neutral expression"
     extra = ", wearing glasses" if glasses else ""
+    hair = hair_phrase(words["hair_colour"], hair_style)
     return f"a close-up photo of a person with {hair}, {words['skin_tone']} skin{extra}, {expression}"
 
 
