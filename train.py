@@ -1,4 +1,4 @@
-"""Single entry point: `python train.py stage=<teacher|generator|relabel|student|pipeline|report> experiment=<name> [overrides]`."""
+"""Single entry point: `python train.py stage=<teacher|generator|synthesize|relabel|student|pipeline|report> experiment=<name> [overrides]`."""
 from __future__ import annotations
 
 import os
@@ -29,6 +29,12 @@ def _generator(cfg: DictConfig):
     return run_generator_stage(cfg)
 
 
+def _synthesize(cfg: DictConfig):
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    return run_synthesize_stage(cfg)
+
+
 def _relabel(cfg: DictConfig):
     from lightning_modules.stages.relabel_stage import run_relabel_stage
 
@@ -47,7 +53,8 @@ def _report(cfg: DictConfig):
     return run_report(cfg)
 
 
-STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "relabel": _relabel,
+STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesize": _synthesize,
+          "relabel": _relabel,
           "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 
 

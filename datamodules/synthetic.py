@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -55,10 +56,18 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
-def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]], meta: Optional[dict] = None
-                ) -> Path:
+def manifest_lock(directory: str | Path):
+    """An inter-process lock on a set's manifest: ranks (and nodes on a shared file system) append shards to it."""
+    from filelock import FileLock
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return FileLock(str(Path(directory) / (MANIFEST + ".lock")))
+
+
+def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]], meta: Optional[dict] = None,
+                features=None, replace: bool = False) -> Path:
     """Write one shard (tmp folder + rename) and then record it in the manifest; a kill leaves either the old
-    manifest or the new one, never a manifest pointing at a half-written shard."""
+    manifest or the new one, never a manifest pointing at a half-written shard. ``replace`` redoes a listed shard."""
     from datasets import Dataset
 
     directory = Path(directory)
@@ -68,21 +77,63 @@ def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]]
     lengths = {k: len(v) for k, v in rows.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"synthetic shard {name!r}: columns differ in length {lengths}")
-    directory.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {"format": FORMAT, "shards": []}
-    if any(s["name"] == name for s in manifest["shards"]):
-        raise ValueError(f"shard {name!r} already exists in {directory}")
-    if meta:
-        manifest["meta"] = {**manifest.get("meta", {}), **meta}
     final = directory / "shards" / name
     tmp = directory / "shards" / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_dict(dict(rows)).save_to_disk(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    manifest["shards"].append({"name": name, "count": next(iter(lengths.values()))})
-    _write_manifest(directory, manifest)
+    Dataset.from_dict(dict(rows), features=features).save_to_disk(str(tmp))
+    with manifest_lock(directory):
+        manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {"format": FORMAT, "shards": []}
+        listed = any(s["name"] == name for s in manifest["shards"])
+        if listed and not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(f"shard {name!r} already exists in {directory}")
+        manifest["shards"] = [s for s in manifest["shards"] if s["name"] != name]
+        if meta:
+            manifest["meta"] = {**manifest.get("meta", {}), **meta}
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        manifest["shards"].append({"name": name, "count": next(iter(lengths.values()))})
+        _write_manifest(directory, manifest)
     return final
+
+
+def check_shards(directory: str | Path) -> tuple[list[str], list[str]]:
+    """Make a set consistent after a kill: listed shards that are missing, unreadable or short are unlisted (to be
+    redone), half-written ``.tmp`` folders and shard folders the manifest does not list are removed.
+    Returns (good shard names, dropped shard names)."""
+    from datasets import load_from_disk
+
+    directory = Path(directory)
+    with manifest_lock(directory):
+        manifest = read_manifest(directory)
+        good, dropped = [], []
+        for shard in manifest["shards"]:
+            path = directory / "shards" / shard["name"]
+            try:
+                ok = len(load_from_disk(str(path))) == shard["count"]
+            except Exception:  # noqa: BLE001 - any unreadable shard is redone, whatever the reader raised
+                ok = False
+            (good if ok else dropped).append(shard)
+        listed = {s["name"] for s in good}
+        for path in sorted((directory / "shards").glob("*")) if (directory / "shards").is_dir() else []:
+            if path.name not in listed:
+                shutil.rmtree(path, ignore_errors=True)
+        if dropped:
+            manifest["shards"] = good
+            _write_manifest(directory, manifest)
+    return [s["name"] for s in good], [s["name"] for s in dropped]
+
+
+def update_manifest(directory: str | Path, sort_shards: bool = False, **meta: Any) -> dict:
+    """Merge ``meta`` into the manifest (and order the shards by name); returns the new manifest."""
+    directory = Path(directory)
+    with manifest_lock(directory):
+        manifest = read_manifest(directory)
+        manifest["meta"] = {**manifest.get("meta", {}), **meta}
+        if sort_shards:
+            manifest["shards"] = sorted(manifest["shards"], key=lambda s: s["name"])
+        _write_manifest(directory, manifest)
+    return manifest
 
 
 def write_dataset(directory: str | Path, dataset, name: str = "shard-00000", meta: Optional[dict] = None) -> Path:
@@ -98,9 +149,10 @@ def write_dataset(directory: str | Path, dataset, name: str = "shard-00000", met
     return directory
 
 
-def load_synthetic(directories: str | Path | Sequence[str | Path]):
+def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incomplete: bool = False):
     """One ``datasets.Dataset`` over the shards listed in the manifests of one or several synthetic sets; shard
-    counts are checked against the manifest (a truncated shard is an error naming it)."""
+    counts are checked against the manifest (a truncated shard is an error naming it). A set whose synthesis has
+    not finished is read with a warning (``allow_incomplete``: silently)."""
     from datasets import concatenate_datasets, load_from_disk
 
     if isinstance(directories, (str, Path)):
@@ -108,6 +160,10 @@ def load_synthetic(directories: str | Path | Sequence[str | Path]):
     parts = []
     for directory in directories:
         manifest = read_manifest(directory)
+        if manifest.get("meta", {}).get("complete") is False and not allow_incomplete:
+            warnings.warn(f"synthetic set {directory} is incomplete ({manifest.get('count', 0)} of "
+                          f"{manifest['meta'].get('plan_size', '?')} samples): its stage=synthesize run has not "
+                          "finished; rerun the same command to complete it")
         for shard in manifest["shards"]:
             path = Path(directory) / "shards" / shard["name"]
             if not path.is_dir():

@@ -49,7 +49,7 @@ def check_generator_config(cfg: DictConfig) -> None:
         require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
         lo, hi = gen.eval.intensity_range
         require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
-    guidance = semantic_guidance(cfg)
+    guidance = semantic_guidance(gen.guidance)
     require(not (guidance.au_scale > 0 and not model.au_adapter), "generator.guidance.au_scale",
             "AU guidance needs the AU adapter (generator.model.au_adapter=true)")
     if guidance.enabled:
@@ -57,25 +57,24 @@ def check_generator_config(cfg: DictConfig) -> None:
                 f"guidance classifier checkpoint not found: {gen.guidance.classifier} (run stage=teacher first)")
 
 
-def semantic_guidance(cfg: DictConfig):
-    """``generator.guidance`` as a SemanticGuidance (ConfigError naming the key when out of range)."""
+def semantic_guidance(g: DictConfig, key: str = "generator.guidance"):
+    """A guidance config node (``generator.guidance``, ``synthesis.guidance``) as a SemanticGuidance (ConfigError
+    naming ``key`` when out of range)."""
     from lightning_modules.guidance import SemanticGuidance
 
-    g = cfg.generator.guidance
     try:
         return SemanticGuidance(float(g.embedding_scale), float(g.classifier_scale), float(g.au_scale),
                                 tuple(float(x) for x in g.window), bool(g.per_token))
     except (ValueError, TypeError) as err:
-        raise ConfigError("generator.guidance", str(err)) from err
+        raise ConfigError(key, str(err)) from err
 
 
-def load_guide(cfg: DictConfig, device):
-    """The frozen guidance classifier from ``generator.guidance.classifier`` (inputs at data.image_size)."""
+def load_guide(checkpoint: str, image_size: int, device="cpu"):
+    """The frozen guidance classifier (a teacher checkpoint) taking images at ``image_size`` (data.image_size)."""
     from lightning_modules.guided_sampling import ClassifierGuide
     from lightning_modules.teacher import load_teacher
 
-    return ClassifierGuide(load_teacher(str(cfg.generator.guidance.classifier), map_location=device),
-                           int(cfg.data.image_size))
+    return ClassifierGuide(load_teacher(checkpoint, map_location=device), image_size)
 
 
 def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -194,8 +193,9 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
                                     tuple(ev.intensity_range), seed)
     else:
         conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed)
-    guidance = semantic_guidance(cfg)
-    guide = load_guide(cfg, model.device) if guidance.enabled else None
+    guidance = semantic_guidance(cfg.generator.guidance)
+    guide = (load_guide(str(cfg.generator.guidance.classifier), int(cfg.data.image_size), model.device)
+             if guidance.enabled else None)
     with torch.no_grad():
         metrics, images = evaluate_generator(model, teacher, conds, int(cfg.data.image_size),
                                              au_active_threshold=float(ev.au_active_threshold),

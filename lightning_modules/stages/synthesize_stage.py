@@ -1,0 +1,266 @@
+"""`stage=synthesize`: ``trainer.predict`` of the trained generator over a condition plan (datamodules/plans.py),
+with semantic guidance as configured, streamed into a sharded synthetic set (HF datasets + manifest).
+
+Resumable and deterministic: chunks already in the manifest are skipped, a shard damaged by a kill is redone, and
+every face has its own seed and a fixed batch, so the set does not depend on how many processes made it. The
+set's config fingerprint lives in its manifest: another config in the same folder is an error unless
+``synthesis.overwrite=true``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_modules import runtime
+from lightning_modules.runtime import ConfigError, require
+
+# Settings that do not change a single byte of the set: they may differ between a run and its resume.
+NOT_FINGERPRINTED = ("overwrite", "num_workers", "progress")
+
+
+def plan_config(cfg: DictConfig):
+    from datamodules.plans import PlanConfig
+
+    values = OmegaConf.to_container(cfg.synthesis.plan, resolve=True)
+    try:
+        return PlanConfig(**{k: tuple(v) if isinstance(v, list) and k != "class_distribution" else v
+                             for k, v in values.items()})
+    except (TypeError, ValueError) as err:
+        raise ConfigError("synthesis.plan", str(err)) from err
+
+
+def needs_real_data(plan) -> bool:
+    return (plan.scale is not None or plan.au_source == "real_stats"
+            or (isinstance(plan.class_distribution, str) and plan.class_distribution in ("real", "fill_rare")))
+
+
+def check_synthesis_config(cfg: DictConfig) -> None:
+    syn = cfg.synthesis
+    path = Path(str(syn.generator_path))
+    require((path / "model_index.json").is_file(), "synthesis.generator_path",
+            f"no trained generator pipeline at {path} (run stage=generator first)")
+    require(int(syn.chunk_size) >= 1, "synthesis.chunk_size", f"must be >= 1, got {syn.chunk_size}")
+    require(int(syn.batch_size) >= 1, "synthesis.batch_size", f"must be >= 1, got {syn.batch_size}")
+    require(int(syn.num_workers) >= 0, "synthesis.num_workers", f"must be >= 0, got {syn.num_workers}")
+    plan_config(cfg)
+    guidance = synthesis_guidance(cfg)
+    if guidance.enabled:
+        require(Path(str(syn.guidance.classifier)).is_file(), "synthesis.guidance.classifier",
+                f"guidance classifier checkpoint not found: {syn.guidance.classifier} (run stage=teacher first)")
+
+
+def synthesis_guidance(cfg: DictConfig):
+    from lightning_modules.stages.generator_stage import semantic_guidance
+
+    return semantic_guidance(cfg.synthesis.guidance, "synthesis.guidance")
+
+
+def real_stats(cfg: DictConfig):
+    """Class counts and per-class AU statistics of the real train split (for scale / real / fill_rare plans)."""
+    import hydra
+
+    from datamodules.plans import RealStats
+
+    try:
+        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    except hydra.errors.InstantiationException as err:
+        raise ConfigError("data", str(err.__cause__ or err)) from err
+    datamodule.setup("fit")
+    train = datamodule.records["train"]
+    num_aus = len(datamodule.vocab)
+    labels = np.array([r.label for r in train])
+    aus = np.stack([r.aus if r.aus is not None else np.zeros(num_aus, np.float32) for r in train])
+    mask = np.stack([r.au_mask if r.au_mask is not None else np.full(num_aus, r.aus is not None) for r in train])
+    return RealStats.from_arrays(labels, aus, mask, datamodule.num_classes)
+
+
+def _path_fingerprint(path: Path) -> str:
+    """Names, sizes and modification times of a file or folder's files: a retrained generator (or guide) is a
+    different input, without reading gigabytes of weights."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
+    syn = OmegaConf.to_container(cfg.synthesis, resolve=True)
+    for key in NOT_FINGERPRINTED:
+        syn.pop(key, None)
+    parts = {"synthesis": syn, "plan_size": plan_size,
+             "generator": _path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
+    if synthesis_guidance(cfg).enabled:
+        parts["guide"] = _path_fingerprint(Path(str(cfg.synthesis.guidance.classifier)))
+    if needs_real_data(plan):
+        parts["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _is_rank_zero() -> bool:
+    """Before the Trainer exists: the process Lightning (or torchrun / SLURM) calls global rank 0."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_size: int) -> tuple[int, list[str]]:
+    """Rank 0, before any work: refuse a different config's set (unless ``overwrite``), clean up after a kill.
+    Returns (finished samples, shards dropped as damaged)."""
+    from datamodules.synthetic import FORMAT, MANIFEST, _write_manifest, check_shards, read_manifest
+
+    if (dataset_dir / MANIFEST).is_file():
+        old = read_manifest(dataset_dir).get("meta", {}).get("fingerprint")
+        if old != fingerprint:
+            if not overwrite:
+                raise ConfigError("synthesis.overwrite", f"{dataset_dir} holds a synthetic set made with another "
+                                  f"config (fingerprint {old} != {fingerprint}); set synthesis.overwrite=true to "
+                                  "replace it, or use another experiment_name")
+            shutil.rmtree(dataset_dir)
+    elif dataset_dir.exists() and any(dataset_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError("synthesis.overwrite", f"{dataset_dir} exists but is not a synthetic set; set "
+                              "synthesis.overwrite=true to replace it")
+        shutil.rmtree(dataset_dir)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    if not (dataset_dir / MANIFEST).is_file():
+        _write_manifest(dataset_dir, {"format": FORMAT, "shards": [], "meta": {
+            "fingerprint": fingerprint, "plan_size": plan_size, "complete": False}})
+    good, dropped = check_shards(dataset_dir)
+    return read_manifest(dataset_dir)["count"], dropped
+
+
+def run_synthesize_stage(cfg: DictConfig) -> dict:
+    from datamodules.labels import num_classes as protocol_classes
+    from datamodules.labels import parse_au_list
+    from datamodules.plans import build_plan, plan_size
+    from datamodules.synthesis import SynthesisDataModule
+
+    check_synthesis_config(cfg)
+    syn = cfg.synthesis
+    out_dir = runtime.stage_dir(cfg, "synthesize")
+    dataset_dir = out_dir / "dataset"
+    plan_cfg = plan_config(cfg)
+    vocab = parse_au_list(cfg.data.aus)
+    num_classes = protocol_classes(int(cfg.data.protocol))
+    real = real_stats(cfg) if needs_real_data(plan_cfg) else None
+    try:
+        size = plan_size(plan_cfg, real)
+        plan = build_plan(plan_cfg, num_classes, vocab, real)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError("synthesis.plan", str(err)) from err
+    fingerprint = synthesis_fingerprint(cfg, plan_cfg, size)
+    if runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():  # every rank sees it
+        print(f"synthesize: {dataset_dir} already holds all {size} samples of this config")
+        return json.loads((out_dir / "metrics.json").read_text())
+
+    finished, dropped = 0, []
+    if _is_rank_zero():
+        finished, dropped = prepare_output(dataset_dir, fingerprint, bool(syn.overwrite), size)
+        (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "stats", ignore_errors=True)
+        runtime.save_resolved_config(cfg, out_dir)
+        if finished:
+            print(f"synthesize: resuming, {finished} of {size} samples already written"
+                  + (f"; redoing damaged shards {dropped}" if dropped else ""))
+
+    pipe, guidance, guide = load_synthesizer(cfg, vocab)
+    module = _synthesis_module(pipe, cfg, guidance, guide)
+    datamodule = SynthesisDataModule(plan, dataset_dir, int(syn.chunk_size), int(syn.batch_size),
+                                     int(syn.num_workers))
+    writer = _writer(cfg, dataset_dir, out_dir, guidance, len(vocab), size - finished)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args.pop("max_steps", None)
+    trainer_args.update(use_distributed_sampler=False, enable_progress_bar=False,
+                        inference_mode=not guidance.enabled)  # SG differentiates through the sampler
+    loggers = runtime.build_loggers(cfg, out_dir, "synthesize")
+    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False, callbacks=[writer], **trainer_args)
+    # whole-batch items (batch_size=None): the writer takes its indices from the batch, not from Lightning
+    warnings.filterwarnings("ignore", "Couldn't infer the batch indices", UserWarning)
+    metrics: dict = {}
+    start = time.time()
+    try:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            metrics = finalize(dataset_dir, out_dir, plan, size, time.time() - start, trainer.world_size)
+            for lg in loggers:
+                lg.log_metrics({f"synthesize/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    finally:
+        runtime.finish_loggers(loggers)
+    if trainer.is_global_zero:
+        runtime.write_metrics(out_dir, metrics)
+        runtime.mark_done(out_dir, fingerprint)
+    return metrics
+
+
+def load_synthesizer(cfg: DictConfig, vocab):
+    """The trained pipeline from ``synthesis.generator_path`` + the guidance settings and guide."""
+    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.stages.generator_stage import load_guide
+
+    syn = cfg.synthesis
+    pipe = SynFERPipeline.from_pretrained(str(syn.generator_path))
+    if pipe.has_au_adapter and list(pipe.au_names) != list(vocab.aus):
+        raise ConfigError("data.aus", f"the generator was trained on AUs {pipe.au_names}, the config lists "
+                                      f"{list(vocab.aus)}")
+    guidance = synthesis_guidance(cfg)
+    if guidance.au_scale > 0 and not pipe.has_au_adapter:
+        raise ConfigError("synthesis.guidance.au_scale", "AU guidance needs a generator with the AU adapter")
+    guide = load_guide(str(syn.guidance.classifier), int(cfg.data.image_size)) if guidance.enabled else None
+    return pipe, guidance, guide
+
+
+def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+    from lightning_modules.generator_pipeline import SAMPLERS
+    from lightning_modules.synthesis import SynthesisModule
+
+    sample = OmegaConf.to_container(cfg.synthesis.sample, resolve=True)
+    require(sample.get("sampler", "ddim") in SAMPLERS, "synthesis.sample.sampler",
+            f"must be one of {SAMPLERS}, got {sample.get('sampler')!r}")
+    require(int(sample.get("steps", 25)) >= 1, "synthesis.sample.steps", f"must be >= 1, got {sample.get('steps')}")
+    return SynthesisModule(pipe, sample, guidance, guide)
+
+
+def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int):
+    from lightning_modules.synthesis import ShardWriter
+
+    settings = {"guidance": OmegaConf.to_container(cfg.synthesis.guidance, resolve=True) if guidance.enabled
+                else None, "sample": OmegaConf.to_container(cfg.synthesis.sample, resolve=True)}
+    return ShardWriter(dataset_dir, out_dir / "stats", json.dumps(settings, sort_keys=True), num_aus, remaining,
+                       progress=bool(cfg.synthesis.progress))
+
+
+def finalize(dataset_dir: Path, out_dir: Path, plan, size: int, seconds: float, world_size: int) -> dict:
+    """Check that every plan row is in the set exactly once, order the shards, mark the set complete; the summary
+    (images, time, images/s per device) is printed and returned."""
+    from datamodules.synthetic import check_shards, load_synthetic, update_manifest
+
+    good, dropped = check_shards(dataset_dir)
+    if dropped:
+        raise RuntimeError(f"synthesize: shards {dropped} were damaged while writing; rerun to redo them")
+    update_manifest(dataset_dir, sort_shards=True)
+    ids = load_synthetic(dataset_dir, allow_incomplete=True)["sample_id"]
+    expected = plan.rows(range(size))["sample_id"] if size <= 10_000 else None
+    if len(ids) != size or len(set(ids)) != size or (expected is not None and list(ids) != list(expected)):
+        raise RuntimeError(f"synthesize: the set has {len(ids)} rows ({len(set(ids))} distinct ids), the plan "
+                           f"{size}; rerun the command to redo missing chunks")
+    stats = [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("rank*.json"))]
+    made = sum(s["images"] for s in stats)
+    per_device = {f"rank{s['rank']}": s["images"] / s["seconds"] if s["seconds"] > 0 else None for s in stats}
+    counts = np.bincount(np.asarray(plan.labels[:size]), minlength=int(plan.labels.max()) + 1).tolist()
+    update_manifest(dataset_dir, complete=True, count=size, class_counts=counts)
+    summary = {"images": size, "generated_now": made, "seconds": seconds, "world_size": world_size,
+               "images_per_second": made / seconds if seconds > 0 else None,
+               "images_per_second_per_device": per_device, "dataset": str(dataset_dir),
+               "class_counts": counts}
+    print(f"synthesize: {size} faces in {dataset_dir} ({made} generated now in {seconds:.1f} s, "
+          f"{summary['images_per_second'] or 0:.2f} img/s on {world_size} process(es))")
+    return summary

@@ -1,0 +1,127 @@
+"""Synthesis as ``trainer.predict``: a trained SynFER pipeline (+ optional semantic guidance) turns plan batches
+into faces, and ``ShardWriter`` streams them into the synthetic store chunk by chunk.
+
+Memory stays flat in the plan size: Lightning keeps no predictions (``return_predictions=False``), the writer
+holds at most one chunk of PNG-encoded faces, and the plan computes its rows on demand.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import BasePredictionWriter
+from tqdm.auto import tqdm
+
+from datamodules.synthesis import chunk_name
+
+
+class SynthesisModule(L.LightningModule):
+    """Wraps a ``SynFERPipeline``: its torch parts are registered as children so the Trainer places them on the
+    rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, ...)."""
+
+    def __init__(self, pipe, sample: dict[str, Any], guidance=None, guide: Optional[nn.Module] = None):
+        super().__init__()
+        self.pipe = pipe
+        self.unet, self.text_encoder, self.vae = pipe.unet, pipe.text_encoder, pipe.vae
+        self.au_encoder = pipe.au_encoder
+        self.guide = guide
+        self.guidance = guidance if guidance is not None and guidance.enabled else None
+        settings = dict(sample)
+        self.call_kwargs = {"num_inference_steps": int(settings.pop("steps", 25)), **settings}
+        self.requires_grad_(False)
+        pipe.set_progress_bar_config(disable=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        n = len(batch["sample_id"])
+        aus = torch.tensor(batch["target_aus"], dtype=torch.float32) if self.pipe.has_au_adapter else None
+        au_mask = torch.tensor(batch["au_mask"], dtype=torch.bool) if aus is not None else None
+        extra = {}
+        if self.guidance is not None:
+            extra = {"semantic_guidance": self.guidance, "guide": self.guide,
+                     "labels": torch.tensor(batch["target_label"], dtype=torch.long)}
+        images = self.pipe(list(batch["caption"]), aus=aus, au_mask=au_mask, seeds=list(batch["seed"]),
+                           batch_size=n, progress=False, **self.call_kwargs, **extra).images
+        return {"images": images.cpu()}
+
+
+def png_bytes(images: torch.Tensor) -> list[dict]:
+    """(N,3,H,W) in [0,1] -> the ``datasets.Image`` cell of each face (PNG bytes: lossless, deterministic)."""
+    from datamodules.synthetic import to_pil
+
+    cells = []
+    for image in to_pil(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        cells.append({"bytes": buffer.getvalue(), "path": None})
+    return cells
+
+
+def shard_features(num_aus: int):
+    from datasets import Features, Image, Sequence, Value
+
+    return Features({"image": Image(), "sample_id": Value("string"), "seed": Value("int64"),
+                     "target_label": Value("int64"), "target_aus": Sequence(Value("float32"), length=num_aus),
+                     "au_mask": Sequence(Value("bool"), length=num_aus), "caption": Value("string"),
+                     "guidance": Value("string")})
+
+
+class ShardWriter(BasePredictionWriter):
+    """Buffers one chunk's rows, writes it as a shard (+ manifest entry) when its last batch arrives, shows an
+    images/s progress bar on rank 0 and records per-rank totals in ``stats_dir/rank<r>.json``."""
+
+    COLUMNS = ("sample_id", "seed", "target_label", "target_aus", "au_mask", "caption")
+
+    def __init__(self, output_dir: Path, stats_dir: Path, guidance_json: str, num_aus: int, total_images: int,
+                 progress: bool = True):
+        super().__init__(write_interval="batch")
+        self.output_dir, self.stats_dir = Path(output_dir), Path(stats_dir)
+        self.guidance_json, self.features = guidance_json, shard_features(num_aus)
+        self.total_images, self.progress = int(total_images), progress
+        self.buffer: dict[str, list] = {}
+        self.images = self.shards = 0
+        self.bar = None
+        self.started = 0.0
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.buffer, self.images, self.shards, self.started = {}, 0, 0, time.perf_counter()
+        if trainer.is_global_zero and self.progress:
+            per_rank = -(-self.total_images // trainer.world_size)
+            self.bar = tqdm(total=per_rank, unit="img", desc=f"synthesize (rank 0 of {trainer.world_size})",
+                            dynamic_ncols=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        rows = {c: list(batch[c]) for c in self.COLUMNS}
+        rows["image"] = png_bytes(prediction["images"])
+        rows["guidance"] = [self.guidance_json] * len(rows["sample_id"])
+        for key, values in rows.items():
+            self.buffer.setdefault(key, []).extend(values)
+        n = len(rows["sample_id"])
+        self.images += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if batch["last_in_chunk"]:
+            from datamodules.synthetic import write_shard
+
+            # replace=True: a chunk listed by a rank that died after writing it is simply redone
+            write_shard(self.output_dir, chunk_name(int(batch["chunk"])), self.buffer, features=self.features,
+                        replace=True)
+            self.buffer = {}
+            self.shards += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.buffer:
+            raise RuntimeError("synthesis ended inside a chunk: the plan batches do not close their chunks")
+        self.stats_dir.mkdir(parents=True, exist_ok=True)
+        seconds = time.perf_counter() - self.started
+        (self.stats_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"rank": trainer.global_rank, "images": self.images, "shards": self.shards, "seconds": seconds,
+             "device": str(pl_module.device)}))

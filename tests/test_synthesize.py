@@ -1,0 +1,217 @@
+"""`stage=synthesize`: plan -> sharded synthetic set; resumable after a kill, identical on 1 or 2 processes,
+protected against mixing configs in one folder."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY
+from datamodules.synthetic import MANIFEST, load_synthetic, read_manifest
+from lightning_modules.runtime import ConfigError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory) -> Path:
+    """An untrained tiny generator saved as a pipeline folder, as stage=generator leaves it."""
+    import hydra
+
+    from conftest import compose
+
+    directory = tmp_path_factory.mktemp("generator") / "pipeline"
+    cfg = compose(TINY, directory.parent)
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(cfg.generator.model, num_classes=8, _convert_="all")
+    model.save_generator(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def guide_ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny teacher checkpoint: a fixed, differentiable guide."""
+    from lightning_modules.teacher import FERTeacher
+
+    torch.manual_seed(0)
+    teacher = FERTeacher(backbone="resnet18", num_classes=8, num_aus=12, channels_last=False)
+    path = tmp_path_factory.mktemp("guide") / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
+                "pytorch-lightning_version": "2.6.0"}, path)
+    return path
+
+
+def _overrides(generator_dir, size=20, chunk=8, batch=4, steps=2):
+    return [f"synthesis.generator_path={generator_dir}", f"synthesis.plan.size={size}", "synthesis.plan.scale=null",
+            f"synthesis.chunk_size={chunk}", f"synthesis.batch_size={batch}", f"synthesis.sample.steps={steps}",
+            "synthesis.progress=false"]
+
+
+def _image_bytes(directory: Path) -> list[tuple[str, bytes]]:
+    dataset = load_synthetic(directory).cast_column("image", __import__("datasets").Image(decode=False))
+    return list(zip(dataset["sample_id"], (img["bytes"] for img in dataset["image"])))
+
+
+def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, generator_dir, capsys):
+    from datamodules.plans import build_plan
+    from lightning_modules.stages.synthesize_stage import plan_config, run_synthesize_stage
+
+    cfg = tiny_cfg(*_overrides(generator_dir))
+    metrics = run_synthesize_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "synthesize" / "dataset"
+    manifest = read_manifest(out)
+    assert [(s["name"], s["count"]) for s in manifest["shards"]] == [
+        ("chunk-000000", 8), ("chunk-000001", 8), ("chunk-000002", 4)]
+    assert manifest["meta"]["complete"] is True and manifest["count"] == 20
+    dataset = load_synthetic(out)
+    from datamodules.labels import parse_au_list
+
+    plan = build_plan(plan_config(cfg), 8, parse_au_list(cfg.data.aus))
+    rows = plan.rows(range(20))
+    assert list(dataset["sample_id"]) == rows["sample_id"]
+    assert list(dataset["target_label"]) == rows["target_label"] and list(dataset["caption"]) == rows["caption"]
+    assert list(dataset["seed"]) == [1_000_000 + i for i in range(20)]
+    assert dataset[0]["image"].size == (32, 32)
+    assert metrics["images"] == 20 and metrics["generated_now"] == 20 and metrics["images_per_second"] > 0
+    assert sum(metrics["class_counts"]) == 20
+    # the same command again: nothing is regenerated
+    stamp = (out / MANIFEST).stat().st_mtime_ns
+    capsys.readouterr()
+    again = run_synthesize_stage(cfg)
+    assert "already holds all 20 samples" in capsys.readouterr().out
+    assert (out / MANIFEST).stat().st_mtime_ns == stamp and again["images"] == 20
+
+
+def test_damaged_missing_and_half_written_shards_are_redone(tiny_cfg, generator_dir):
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    cfg = tiny_cfg(*_overrides(generator_dir))
+    run_synthesize_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "synthesize" / "dataset"
+    reference = _image_bytes(out)
+    shards = out / "shards"
+    import shutil
+
+    shutil.rmtree(shards / "chunk-000001")                              # listed but gone
+    arrow = next((shards / "chunk-000002").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])                         # listed but truncated
+    (shards / ".chunk-000000.tmp").mkdir()                              # a kill during a write
+    (Path(cfg.paths.run_dir) / "synthesize" / "stage_done.json").unlink()
+    metrics = run_synthesize_stage(cfg)
+    assert metrics["generated_now"] == 12                               # chunks 1 and 2 only
+    assert _image_bytes(out) == reference
+    assert not (shards / ".chunk-000000.tmp").exists()
+
+
+def test_another_config_in_the_same_folder_is_an_error_unless_overwrite(tiny_cfg, generator_dir):
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8)))
+    with pytest.raises(ConfigError, match=r"synthesis\.overwrite"):
+        run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8, steps=3)))
+    metrics = run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8, steps=3), "synthesis.overwrite=true"))
+    assert metrics["generated_now"] == 8
+    # settings that change no byte (progress, workers) do not count as another config
+    assert run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8, steps=3), "synthesis.progress=true",
+                                         "synthesis.overwrite=false"))["images"] == 8
+
+
+@pytest.mark.parametrize("override, key", [
+    ("synthesis.generator_path=/nowhere", "synthesis.generator_path"),
+    ("synthesis.chunk_size=0", "synthesis.chunk_size"),
+    ("synthesis.batch_size=0", "synthesis.batch_size"),
+    ("synthesis.plan.class_distribution=sideways", "synthesis.plan"),
+    ("synthesis.plan.size=-3", "synthesis.plan"),
+    ("synthesis.sample.sampler=euler", "synthesis.sample.sampler"),
+    ("synthesis.guidance.embedding_scale=1.0", "synthesis.guidance.classifier"),
+    ("synthesis.guidance.window=[0.9,0.1]", "synthesis.guidance"),
+])
+def test_config_errors_name_the_key(tiny_cfg, generator_dir, override, key):
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    cfg = tiny_cfg(*_overrides(generator_dir), override, "synthesis.guidance.classifier=/nowhere.ckpt")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run_synthesize_stage(cfg)
+
+
+def test_au_vocabulary_must_match_the_generator(tiny_cfg, generator_dir):
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    with pytest.raises(ConfigError, match=r"data\.aus"):
+        run_synthesize_stage(tiny_cfg(*_overrides(generator_dir), "data.aus=[1,2,4]"))
+
+
+def test_semantic_guidance_reaches_the_sampler(tiny_cfg, generator_dir, guide_ckpt):
+    """Guided synthesis differs from plain synthesis of the same plan and records its settings per face."""
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    plain = tiny_cfg(*_overrides(generator_dir, size=4, chunk=4))
+    run_synthesize_stage(plain)
+    out = Path(plain.paths.run_dir) / "synthesize" / "dataset"
+    unguided = _image_bytes(out)
+    run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=4, chunk=4), "synthesis.overwrite=true",
+                                  f"synthesis.guidance.classifier={guide_ckpt}",
+                                  "synthesis.guidance.embedding_scale=5.0", "synthesis.guidance.window=[0.0,1.0]"))
+    guided = _image_bytes(out)
+    assert json.loads(load_synthetic(out)[0]["guidance"])["guidance"]["embedding_scale"] == 5.0
+    assert [k for k, _ in guided] == [k for k, _ in unguided] and guided != unguided
+
+
+# ---------------------------------------------------------------------- processes: kill, resume, DDP
+def _cli(generator_dir, output_root, name, *extra, size=48):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "stage=synthesize", *TINY, *_overrides(generator_dir, size=size, chunk=4,
+                                                                               batch=2, steps=6),
+           f"output_root={output_root}", f"experiment_name={name}", *extra]
+    return cmd, env
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(generator_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth_ref")
+    cmd, env = _cli(generator_dir, root, "ref")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _image_bytes(root / "ref" / "synthesize" / "dataset")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_set(generator_dir, uninterrupted, tmp_path):
+    cmd, env = _cli(generator_dir, tmp_path, "killed")
+    manifest = tmp_path / "killed" / "synthesize" / "dataset" / MANIFEST
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:   # kill as soon as the first chunk is on disk
+        if manifest.is_file() and read_manifest(manifest.parent)["count"] >= 4:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = read_manifest(manifest.parent)["count"]
+    assert 0 < written < 48 and read_manifest(manifest.parent)["meta"]["complete"] is False
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stdout
+    metrics = json.loads((tmp_path / "killed" / "synthesize" / "metrics.json").read_text())
+    assert metrics["generated_now"] == 48 - written
+    assert _image_bytes(manifest.parent) == uninterrupted
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_set_as_one(generator_dir, uninterrupted, tmp_path):
+    cmd, env = _cli(generator_dir, tmp_path, "ddp", "trainer=ddp_cpu")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "ddp" / "synthesize"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert metrics["images_per_second_per_device/rank0"] > 0 and metrics["images_per_second_per_device/rank1"] > 0
+    assert _image_bytes(out / "dataset") == uninterrupted
