@@ -31,6 +31,9 @@ def plan_config(cfg: DictConfig):
     from datamodules.plans import PlanConfig
 
     values = OmegaConf.to_container(cfg.synthesis.plan, resolve=True)
+    for key in ("templates", "attributes"):  # null = the built-in toy-caption vocabulary
+        if values.get(key) is None:
+            values.pop(key, None)
     try:
         return PlanConfig(**{k: tuple(v) if isinstance(v, list) and k != "class_distribution" else v
                              for k, v in values.items()})
