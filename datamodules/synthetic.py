@@ -9,9 +9,14 @@ Columns: ``image`` (PNG), ``sample_id``, ``seed``, ``target_label``, ``target_au
 ``guidance`` (json of the sampling settings); the relabel stage adds ``probs/<voter>``, ``final_label``,
 ``soft_label``, ``is_soft``, ``confidence`` and ``kept``. Rows are never deleted: a dropped sample has
 ``kept = false``.
+
+Writers (one per rank, possibly on several nodes) append shards under an inter-process lock on the manifest;
+``check_shards`` repairs a set after a kill (damaged or unlisted shards go, to be redone). stage=synthesize keeps
+its config fingerprint, the plan size and ``complete`` in ``meta``; readers warn about an incomplete set.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -56,6 +61,19 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     os.replace(tmp, directory / MANIFEST)
 
 
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def manifest_lock(directory: str | Path):
     """An inter-process lock on a set's manifest: ranks (and nodes on a shared file system) append shards to it."""
     from filelock import FileLock
@@ -80,7 +98,8 @@ def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]]
     final = directory / "shards" / name
     tmp = directory / "shards" / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_dict(dict(rows), features=features).save_to_disk(str(tmp))
+    with _quiet_datasets():  # one "Saving the dataset" bar per shard would bury the synthesis progress bar
+        Dataset.from_dict(dict(rows), features=features).save_to_disk(str(tmp))
     with manifest_lock(directory):
         manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {"format": FORMAT, "shards": []}
         listed = any(s["name"] == name for s in manifest["shards"])

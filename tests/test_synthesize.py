@@ -123,6 +123,47 @@ def test_another_config_in_the_same_folder_is_an_error_unless_overwrite(tiny_cfg
                                          "synthesis.overwrite=false"))["images"] == 8
 
 
+def test_plan_scale_and_fill_rare_follow_the_real_train_set(tiny_cfg, generator_dir):
+    """scale x len(real train) faces; fill_rare gives the rare real classes the most synthetic faces."""
+    import numpy as np
+
+    from lightning_modules.stages.synthesize_stage import real_stats, run_synthesize_stage
+
+    cfg = tiny_cfg(*_overrides(generator_dir), "synthesis.plan.size=null", "synthesis.plan.scale=0.25",
+                   "synthesis.plan.class_distribution=fill_rare", "synthesis.chunk_size=16")
+    real = real_stats(cfg)
+    metrics = run_synthesize_stage(cfg)
+    assert real.num_train == 96 and metrics["images"] == 24
+    synthetic = np.asarray(metrics["class_counts"] + [0] * (8 - len(metrics["class_counts"])))
+    rarest, commonest = int(np.argmin(real.class_counts)), int(np.argmax(real.class_counts))
+    assert synthetic[rarest] > synthetic[commonest] == 0
+    assert (real.class_counts + synthetic).std() < real.class_counts.std()
+
+
+def test_synthetic_sets_read_back_as_fer_batches(tiny_cfg, generator_dir):
+    """Two synthesized sets through the reader: one dataset, the standard batch dict, conditioned labels."""
+    from torch.utils.data import DataLoader
+
+    from datamodules.synthetic import SyntheticFERDataset
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    dirs = []
+    for name, prefix in (("a", "syn-a-"), ("b", "syn-b-")):
+        cfg = tiny_cfg(*_overrides(generator_dir, size=6, chunk=4), f"synthesis.plan.id_prefix={prefix}",
+                       "synthesis.overwrite=true")
+        run_synthesize_stage(cfg)
+        target = Path(cfg.paths.run_dir).parent / name
+        (Path(cfg.paths.run_dir) / "synthesize" / "dataset").rename(target)
+        dirs.append(target)
+    dataset = SyntheticFERDataset(load_synthetic(dirs), image_size=48, num_classes=8)
+    assert len(dataset) == 12
+    batch = next(iter(DataLoader(dataset, batch_size=12)))
+    assert batch["image"].shape == (12, 3, 48, 48) and -1 <= batch["image"].min() < batch["image"].max() <= 1
+    assert batch["aus"].shape == (12, 12) and batch["au_mask"].dtype == torch.bool
+    assert batch["sample_id"][0] == "syn-a-00000000" and batch["sample_id"][6] == "syn-b-00000000"
+    assert batch["label"].tolist() == load_synthetic(dirs)["target_label"] and "soft_label" not in batch
+
+
 @pytest.mark.parametrize("override, key", [
     ("synthesis.generator_path=/nowhere", "synthesis.generator_path"),
     ("synthesis.chunk_size=0", "synthesis.chunk_size"),
