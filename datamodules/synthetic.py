@@ -203,17 +203,19 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
 class SyntheticFERDataset(torch.utils.data.Dataset):
     """A synthetic set as standard FER samples (DESIGN.md §4 batch dict): the relabelled ``final_label`` /
     ``soft_label`` when present (``use_relabel``), else the conditioned ``target_label``; ``kept_only`` hides the
-    samples the vote dropped."""
+    samples the vote dropped. ``soft_labels``: None = a ``soft_label`` exactly when relabelled, True = always
+    (one-hot for conditioned labels), False = never (a batch needs the same keys in every item)."""
 
     def __init__(self, dataset, image_size: int, num_classes: int, use_relabel: bool = True,
-                 kept_only: bool = True):
+                 kept_only: bool = True, transform=None, soft_labels: Optional[bool] = None):
         self.relabelled = use_relabel and "final_label" in dataset.column_names
         if kept_only and "kept" in dataset.column_names:
             keep = np.flatnonzero(np.asarray(dataset["kept"], dtype=bool))
             dataset = dataset.select(keep)
         self.dataset = dataset
         self.num_classes = num_classes
-        self.transform = eval_transform(image_size)
+        self.transform = transform or eval_transform(image_size)
+        self.soft_labels = self.relabelled if soft_labels is None else bool(soft_labels)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -227,6 +229,9 @@ class SyntheticFERDataset(torch.utils.data.Dataset):
                 "aus": torch.tensor(row["target_aus"], dtype=torch.float32),
                 "au_mask": torch.tensor(row["au_mask"], dtype=torch.bool),
                 "caption": row["caption"], "sample_id": row["sample_id"]}
-        if self.relabelled:
-            item["soft_label"] = torch.tensor(row["soft_label"], dtype=torch.float32)
+        if self.soft_labels:
+            if self.relabelled:  # one-hot where the voters agreed
+                item["soft_label"] = torch.tensor(row["soft_label"], dtype=torch.float32)
+            else:
+                item["soft_label"] = torch.nn.functional.one_hot(torch.tensor(label), self.num_classes).float()
         return item

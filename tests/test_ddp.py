@@ -52,3 +52,20 @@ def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
     for job in jobs:
         assert (job / "student" / "metrics.json").is_file()
         assert len(list((job / "student" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_mixed_student_trains_under_two_process_ddp(tmp_path):
+    """mix.mode=ratio under DDP: the datamodule deals its own batches; each of 2 ranks takes half an epoch."""
+    from test_relabel import write_toy_synthetic_set
+
+    synthetic = tmp_path / "synthetic"
+    write_toy_synthetic_set(synthetic, n=96, shards=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "train.py", "stage=student", "trainer=ddp_cpu", *TINY, f"output_root={tmp_path}",
+           "experiment_name=ddp", "mix.mode=ratio", "mix.ratio=0.25", "mix.scale=0.5", f"mix.synthetic={synthetic}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "student" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["data/mix/synthetic_size"] == 48
+    # 96 real faces, 24 real per batch of 32: 4 batches per epoch on one process, 2 on each of 2 ranks
+    assert metrics["train_batches_per_epoch"] == 2

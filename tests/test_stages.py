@@ -1,9 +1,12 @@
 """Stages end to end on tiny toy data: outputs, metrics, pipeline skip/resume, report."""
 import json
 
+import pytest
 import torch
 
 import train
+from lightning_modules.runtime import ConfigError
+from lightning_modules.stages.classifier_stage import run_classifier_stage
 from lightning_modules.teacher import load_teacher
 
 
@@ -62,3 +65,28 @@ def test_report_without_runs_is_a_clear_error(tiny_cfg):
 
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         train.run_stage(tiny_cfg("stage=report"))
+
+
+def test_student_on_real_plus_relabelled_synthetic_faces(tiny_cfg, tmp_path):
+    """mix.mode=concat: the synthetic set joins the train set (soft labels and all), test stays on real faces."""
+    import numpy as np
+    from datasets import Dataset
+
+    from datamodules.synthetic import load_synthetic, write_dataset
+    from test_relabel import write_toy_synthetic_set
+
+    raw = tmp_path / "raw"
+    write_toy_synthetic_set(raw, n=48, shards=1)
+    data = load_synthetic(raw)
+    soft = np.full((48, 8), 1 / 8, dtype=np.float32)
+    relabelled = data.add_column("final_label", data["target_label"]).add_column("soft_label", soft.tolist())
+    relabelled = relabelled.add_column("is_soft", [True] * 48).add_column("kept", [i % 2 == 0 for i in range(48)])
+    write_dataset(tmp_path / "run" / "relabel" / "dataset", relabelled)   # where mix.synthetic=null looks
+    run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "mix.scale=0.25"), "student")
+    metrics = json.loads((tmp_path / "run" / "student" / "metrics.json").read_text())
+    assert metrics["data/mix/synthetic_size"] == 24 and metrics["data/mix/soft_labels"] == 24
+    assert metrics["data/test_size"] == 48                                   # real test faces only
+    with pytest.raises(ConfigError, match=r"mix\.scale"):                   # only 24 faces were kept
+        run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "mix.scale=0.5"), "student")
+    with pytest.raises(ConfigError, match=r"mix\.synthetic"):
+        run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "relabel.enabled=false"), "student")

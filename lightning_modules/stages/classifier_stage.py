@@ -15,7 +15,8 @@ from lightning_modules import runtime
 from lightning_modules.runtime import require
 
 # Config subtrees a classifier stage depends on: a change in any of them invalidates its outputs.
-HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"], "student": ["data", "student", "trainer", "seed"]}
+HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
+             "student": ["data", "student", "mix", "trainer", "seed"]}
 
 
 RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun")
@@ -97,12 +98,45 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
         raise runtime.ConfigError("data", str(err.__cause__ or err)) from err
 
 
+def synthetic_sets(cfg: DictConfig) -> list[str]:
+    """``mix.synthetic``, or the run's relabelled set (its synthesized set when relabeling is off)."""
+    chosen = cfg.mix.synthetic
+    if chosen is None:
+        stage = "relabel" if cfg.relabel.enabled else "synthesize"
+        return [str(Path(cfg.paths.run_dir) / stage / "dataset")]
+    return [str(chosen)] if isinstance(chosen, str) else [str(p) for p in chosen]
+
+
+def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The real datamodule inside a MixedFERDataModule (real only, synthetic only, concat or ratio per ``mix``)."""
+    from datamodules.mix import MixedFERDataModule
+
+    mix = OmegaConf.to_container(cfg.mix, resolve=True)
+    mix["synthetic"] = synthetic_sets(cfg) if mix["mode"] != "real_only" else None
+    if mix["mode"] != "real_only":  # a missing set must stop the run now, not after the real data is read
+        for path in mix["synthetic"]:
+            require((Path(path) / "manifest.json").is_file(), "mix.synthetic",
+                    f"no synthetic set at {path} (run stage=synthesize, and stage=relabel unless relabel.enabled="
+                    "false)")
+    real = build_datamodule(cfg)
+    try:
+        datamodule = MixedFERDataModule(real, **mix)
+        datamodule.setup("fit")  # too few synthetic faces for mix.scale etc. are config errors, before any training
+    except TypeError as err:
+        raise runtime.ConfigError("mix", str(err)) from err
+    except ValueError as err:
+        if str(err).startswith("mix."):  # its messages start with the key, e.g. "mix.ratio must be ..."
+            raise runtime.ConfigError(re.split(r"[ :=]", str(err), maxsplit=1)[0], str(err)) from err
+        raise
+    return datamodule
+
+
 def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     """Fit + test; writes config.yaml, checkpoints, <name>.ckpt (best), metrics.json, confusion_matrix.png into
     ``<run_dir>/<name>/`` (``name`` = ``<role>.name``, default the role: teacher/, student/)."""
     check_classifier_config(cfg, role)
     name = output_name(cfg, role)
-    datamodule = build_datamodule(cfg)
+    datamodule = build_student_datamodule(cfg) if role == "student" else build_datamodule(cfg)
     out_dir = runtime.stage_dir(cfg, name)
     runtime.clear_stage(out_dir)  # a rerun must not be mistaken for done, nor pick up stale checkpoints
     runtime.save_resolved_config(cfg, out_dir)
@@ -110,7 +144,9 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     model = hydra.utils.instantiate(cfg[role].model, num_classes=datamodule.num_classes,
                                     num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
                                     _convert_="all")
-    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, int(cfg[role].max_epochs))
+    # the mixed datamodule deals its own per-rank samples (ratio batches would not survive Lightning's sampler)
+    extra = {"use_distributed_sampler": False} if role == "student" else {}
+    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, int(cfg[role].max_epochs), **extra)
     start = time.time()
     try:
         trainer.fit(model, datamodule=datamodule)
