@@ -45,6 +45,23 @@ def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def path_fingerprint(path: Path) -> str:
+    """Names, sizes and modification times of a file or a folder's files (absent: "missing"): a retrained model or
+    a rewritten synthetic set is a different input, found without reading gigabytes of weights."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def inputs_hash(cfg: DictConfig, keys: Iterable[str], inputs: Iterable[Path]) -> str:
+    """``config_hash`` + the fingerprints of the files a stage reads (another stage's outputs)."""
+    prints = [path_fingerprint(Path(p)) for p in inputs]
+    return config_hash(cfg, keys) + "-" + hashlib.sha256("".join(prints).encode()).hexdigest()[:8]
+
+
 def is_done(out_dir: Path, digest: str) -> bool:
     marker = out_dir / DONE_MARKER
     if not marker.is_file():

@@ -39,25 +39,46 @@ def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
     assert (tmp_path / "run" / "student" / "student.ckpt").is_file()
 
 
+PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshold=0")  # 1-epoch voters: keep all
+STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "student", "student_mix")
+
+
 def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("stage=pipeline")
+    cfg = tiny_cfg(*PIPELINE)
     first = train.run_stage(cfg)
-    assert first["teacher"] == "ran" and first["generator"] == "ran" and first["student"] == "ran"
-    report = tmp_path / "run" / "report"
+    assert all(first[s] == "ran" for s in STEPS), first
+    run = tmp_path / "run"
+    assert (run / "feranno" / "feranno.ckpt").is_file() and (run / "relabel" / "dataset" / "manifest.json").is_file()
+    report = run / "report"
     text = (report / "results.md").read_text()
-    assert "| teacher |" in text and "| student |" in text and "toyfaces_grid.png" in text
+    assert "| teacher |" in text and "| student |" in text and "| student_mix |" in text and "toyfaces_grid.png" in text
+    assert "## Synthesis" in text and "## Relabeling" in text
     assert "| generator |" in text and (report / "generator_expressions_final.png").is_file()
     assert (report / "toyfaces_grid.png").is_file() and (report / "confusion_student.png").is_file()
     merged = json.loads((report / "metrics.json").read_text())
     assert "teacher/test/acc" in merged and "student/test/acc" in merged
+    assert merged["student_mix/data/mix/synthetic_size"] == 96 and merged["synthesize/images"] == 96
     # a killed pipeline resumes: finished stages with the same config are skipped...
-    ckpt_mtime = (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime
-    second = train.run_stage(tiny_cfg("stage=pipeline"))
-    assert second["teacher"] == "skipped" and second["generator"] == "skipped" and second["student"] == "skipped"
-    assert (tmp_path / "run" / "teacher" / "teacher.ckpt").stat().st_mtime == ckpt_mtime
-    # ...and a changed student config reruns only the student
-    third = train.run_stage(tiny_cfg("stage=pipeline", "student.model.lr=0.01"))
-    assert third["teacher"] == "skipped" and third["generator"] == "skipped" and third["student"] == "ran"
+    ckpt_mtime = (run / "teacher" / "teacher.ckpt").stat().st_mtime
+    second = train.run_stage(tiny_cfg(*PIPELINE))
+    assert all(second[s] == "skipped" for s in STEPS), second
+    assert (run / "teacher" / "teacher.ckpt").stat().st_mtime == ckpt_mtime
+    # ...and a changed student config reruns only the students
+    third = train.run_stage(tiny_cfg(*PIPELINE, "student.model.lr=0.01"))
+    assert [s for s in STEPS if third[s] == "ran"] == ["student", "student_mix"]
+    # ...and other synthetic faces rerun what reads them (relabel, the mixed student), not the real-only student
+    fourth = train.run_stage(tiny_cfg(*PIPELINE, "student.model.lr=0.01", "synthesis.plan.scale=0.5",
+                                      "synthesis.overwrite=true", "mix.scale=0.5"))
+    assert [s for s in STEPS if fourth[s] == "ran"] == ["synthesize", "relabel", "student_mix"]
+
+
+def test_pipeline_config_errors(tiny_cfg):
+    import pytest
+
+    with pytest.raises(ConfigError, match=r"pipeline\.stages"):
+        train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[teacher,paint]"))
+    with pytest.raises(ConfigError, match=r"pipeline\.students"):
+        train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[students]", "pipeline.students=null"))
 
 
 def test_report_without_runs_is_a_clear_error(tiny_cfg):

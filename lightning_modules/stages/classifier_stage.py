@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules import runtime
 from lightning_modules.runtime import require
@@ -20,6 +20,20 @@ HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
 
 
 RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun")
+
+
+def done_digest(cfg: DictConfig, role: str) -> str:
+    """Config (+ for a student on synthetic faces: the synthetic sets' manifests, + for FERAnno: its generator)."""
+    inputs = []
+    if role == "student" and cfg.mix.mode != "real_only":
+        inputs += [Path(p) / "manifest.json" for p in synthetic_sets(cfg)]
+    elif role == "student":  # a real-only student does not depend on the other mix settings
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.mix = {"mode": "real_only"}
+    if is_feranno(cfg[role].model):
+        inputs.append(Path(str(cfg[role].model.generator_path)))
+    return runtime.inputs_hash(cfg, HASH_KEYS[role], inputs)
 
 
 def output_name(cfg: DictConfig, role: str) -> str:
@@ -165,5 +179,5 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
                    "data": datamodule.summary(), "world_size": trainer.world_size,
                    "train_batches_per_epoch": trainer.num_training_batches}
         runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, runtime.config_hash(cfg, HASH_KEYS[role]))
+        runtime.mark_done(out_dir, done_digest(cfg, role))
     return metrics

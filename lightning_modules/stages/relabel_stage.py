@@ -46,6 +46,17 @@ class RankPredictionWriter(BasePredictionWriter):
         torch.save({"sample_id": ids, "probs": probs}, self.directory / f"rank{trainer.global_rank}.pt")
 
 
+def relabel_inputs(cfg: DictConfig) -> list[Path]:
+    inputs = [cfg.relabel.input] if isinstance(cfg.relabel.input, str) else list(cfg.relabel.input)
+    return ([Path(str(p)) / "manifest.json" for p in inputs]
+            + [Path(str(v.checkpoint)) for v in cfg.relabel.voters.values()])
+
+
+def done_digest(cfg: DictConfig) -> str:
+    """Config + the synthetic sets' manifests + the voters' checkpoints: new faces or retrained voters rerun it."""
+    return runtime.inputs_hash(cfg, HASH_KEYS, relabel_inputs(cfg))
+
+
 def check_relabel_config(cfg: DictConfig) -> None:
     from datamodules.synthetic import read_manifest
 
@@ -160,5 +171,5 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
         runtime.finish_loggers(loggers)
     if trainer.is_global_zero:
         runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, runtime.config_hash(cfg, HASH_KEYS))
+        runtime.mark_done(out_dir, done_digest(cfg))
     return metrics

@@ -16,7 +16,7 @@ GENERATOR_HEADLINE = ("eval/fer_acc", "eval/au_pearson_mean", "eval/reference/fe
                       "eval/reference/au_pearson_mean", "val_loss", "steps", "fit_seconds")
 GENERATOR_GRIDS = ("expressions_final.png", "au_sweep_final.png", "eval_samples.png")
 # Stages in pipeline order first, anything else after, alphabetically.
-STAGE_ORDER = ("teacher", "generator", "synthesize", "relabel", "student")
+STAGE_ORDER = ("teacher", "generator", "synthesize", "feranno", "relabel", "student")
 
 
 def collect_metrics(run_dir: Path) -> dict[str, dict]:
@@ -47,15 +47,30 @@ def _table(rows: dict[str, dict], columns: tuple[str, ...]) -> list[str]:
     return lines + [""]
 
 
+SYNTHESIS_HEADLINE = ("images", "generated_now", "seconds", "images_per_second", "world_size")
+RELABEL_HEADLINE = ("data_card/total", "data_card/kept", "data_card/soft", "data_card/voter_agreement_rate",
+                    "data_card/agreement_with_condition_kept")
+
+
 def render_results_md(metrics: dict[str, dict], images: list[str], title: str) -> str:
     generators = {s: m for s, m in metrics.items() if s == "generator"}
-    classifiers = {s: m for s, m in metrics.items() if s not in generators}
+    classifiers = {s: m for s, m in metrics.items() if "test/acc" in m}
     lines = [f"# {title}", ""]
     if classifiers:
         lines += ["## FER classifiers (tested on real data)", "", *_table(classifiers, HEADLINE)]
+        mixed = {s: m for s, m in classifiers.items() if m.get("data/mix/mode") not in (None, "real_only")}
+        if mixed:
+            lines += ["Students on synthetic faces:", "", *_table(mixed, ("data/mix/mode", "data/mix/scale",
+                                                                          "data/mix/synthetic_size",
+                                                                          "data/mix/soft_labels"))]
     if generators:
         lines += ["## Generator (teacher's FER accuracy and AU Pearson r on generated faces; reference = the real "
                   "faces behind the same conditions)", "", *_table(generators, GENERATOR_HEADLINE)]
+    if "synthesize" in metrics:
+        lines += ["## Synthesis", "", *_table({"synthesize": metrics["synthesize"]}, SYNTHESIS_HEADLINE)]
+    if "relabel" in metrics:
+        lines += ["## Relabeling (ensemble vote; data card in relabel/data_card.md)", "",
+                  *_table({"relabel": metrics["relabel"]}, RELABEL_HEADLINE)]
     for stage, m in metrics.items():
         skipped = {k: v for k, v in m.items() if k.startswith("data/skipped/")}
         if skipped:

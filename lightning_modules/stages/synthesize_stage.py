@@ -86,22 +86,14 @@ def real_stats(cfg: DictConfig):
     return RealStats.from_arrays(labels, aus, mask, datamodule.num_classes)
 
 
-def _path_fingerprint(path: Path) -> str:
-    """Names, sizes and modification times of a file or folder's files: a retrained generator (or guide) is a
-    different input, without reading gigabytes of weights."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    listing = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
-
-
 def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
     syn = OmegaConf.to_container(cfg.synthesis, resolve=True)
     for key in NOT_FINGERPRINTED:
         syn.pop(key, None)
     parts = {"synthesis": syn, "plan_size": plan_size,
-             "generator": _path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
+             "generator": runtime.path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
     if synthesis_guidance(cfg).enabled:
-        parts["guide"] = _path_fingerprint(Path(str(cfg.synthesis.guidance.classifier)))
+        parts["guide"] = runtime.path_fingerprint(Path(str(cfg.synthesis.guidance.classifier)))
     if needs_real_data(plan):
         parts["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -162,7 +154,7 @@ def run_synthesize_stage(cfg: DictConfig) -> dict:
     fingerprint = synthesis_fingerprint(cfg, plan_cfg, size)
     if runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():  # every rank sees it
         print(f"synthesize: {dataset_dir} already holds all {size} samples of this config")
-        return json.loads((out_dir / "metrics.json").read_text())
+        return {**json.loads((out_dir / "metrics.json").read_text()), "skipped": True}
 
     finished, dropped = 0, []
     if _is_rank_zero():
