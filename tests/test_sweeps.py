@@ -1,0 +1,88 @@
+"""Sweeps: the Hydra multirun configs compose, the wandb sweep specs match them, and a tiny real multirun runs one
+student per swept point, each in its own folder and wandb run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import CONFIG_DIR, REPO, TINY
+
+
+def _compose_with_hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+def test_scaling_sweep_config():
+    cfg = _compose_with_hydra(["sweep=scaling", "experiment=toy"])
+    assert cfg.stage == "student" and cfg.logger.wandb.group == "toy-scaling"
+    assert cfg.mix.synthetic == "outputs/toy/relabel/dataset"
+    params = cfg.hydra.sweeper.params
+    assert params["mix.mode"] == "synthetic_only,concat" and params["mix.scale"] == "1,2,3,4,5"
+
+
+def test_ablation_sweep_rows_are_experiments():
+    cfg = _compose_with_hydra(["sweep=ablation"])
+    assert cfg.stage == "pipeline"
+    rows = cfg.hydra.sweeper.params["experiment"].split(",")
+    assert rows[0] == "toy" and len(rows) == 4
+    for row in rows:  # every row composes, with the sweep's wandb group kept
+        one = _compose_with_hydra(["sweep=ablation", f"experiment={row}"])
+        assert one.experiment_name == row and one.logger.wandb.group == "toy-ablation"
+
+
+@pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation")])
+def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
+    spec = yaml.safe_load((CONFIG_DIR / "wandb_sweeps" / f"{name}.yaml").read_text())
+    assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
+    hydra_params = _compose_with_hydra([f"sweep={hydra_sweep}", "experiment=toy"]).hydra.sweeper.params
+    for key, values in spec["parameters"].items():
+        assert sorted(map(str, values["values"])) == sorted(hydra_params[key].split(","))
+    stage = next(c for c in spec["command"] if str(c).startswith("stage="))
+    assert stage == f"stage={_compose_with_hydra([f'sweep={hydra_sweep}']).stage}"
+
+
+@pytest.mark.slow
+def test_tiny_scaling_multirun_runs_each_point_in_its_own_run(tmp_path):
+    from test_relabel import write_toy_synthetic_set
+
+    synthetic = tmp_path / "synthetic"
+    write_toy_synthetic_set(synthetic, n=96, shards=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    tiny = [o for o in TINY if not o.startswith("logger=")]
+    cmd = [sys.executable, "train.py", "--multirun", "sweep=scaling", *tiny, f"output_root={tmp_path}",
+           "experiment_name=sw", f"mix.synthetic={synthetic}", "mix.scale=0.5", "mix.mode=synthetic_only,concat"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sw" / "multirun").glob("*/*/student/metrics.json"))
+    assert len(jobs) == 2                                            # one student per swept point
+    modes = sorted(json.loads(p.read_text())["data/mix/mode"] for p in jobs)
+    assert modes == ["concat", "synthetic_only"]
+    runs = [next((p.parent / "wandb").glob("offline-run-*")) for p in jobs]
+    assert len({r.name for r in runs}) == 2                          # wandb.finish between runs: two runs
+    for job in jobs:
+        config = OmegaConf.load(job.parent / "config.yaml")
+        assert config.logger.wandb.group == "sw-scaling" and config.mix.scale == 0.5
+
+
+@pytest.mark.parametrize("experiment, data", [("affectnet8_scale", "affectnet"), ("rafdb_scale", "rafdb"),
+                                              ("fer2013_lowdata", "fer2013")])
+def test_cluster_experiments_compose_for_gpus(experiment, data):
+    """The public-dataset experiments: their data format, SD generator, DDP + bf16 trainer, and the two local paths
+    left for the user (data.root, generator.model.pretrained_path) as required values."""
+    cfg = _compose_with_hydra([f"experiment={experiment}"])
+    assert cfg.data.format == data and cfg.experiment_name == experiment
+    assert cfg.generator.model.backbone == "pretrained" and cfg.trainer.strategy == "ddp"
+    assert cfg.trainer.precision == "bf16-mixed"
+    # the user's local folders: data.root is required, the SD folder is checked by stage=generator (not set here)
+    assert OmegaConf.is_missing(cfg.data, "root") and cfg.generator.model.pretrained_path in (None, "???")
+    assert cfg.synthesis.plan.scale == 5.0
