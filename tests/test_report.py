@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 
 from lightning_modules.stages.report import collect_metrics, render_results_md
 
@@ -27,3 +28,179 @@ def test_corrupt_metrics_file_is_named(tmp_path):
     (tmp_path / "teacher" / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match="teacher/metrics.json"):
         collect_metrics(tmp_path)
+
+
+# ------------------------------------------------------------------ sweeps, ablations, sample grids
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _cfg(run, *dirs, **report):
+    """A minimal stage=report config (no toy grid: data.format is not toy)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"experiment_name": "t", "data": {"format": "imagefolder"}, "paths": {"run_dir": str(run)},
+                             "report": {"dirs": [str(d) for d in dirs], "baseline": None, "grid_per_class": 3,
+                                        **report}})
+
+
+def _job(job, stage, acc, mode, scale=1.0, experiment="toy", config=True, au=True, sg=1.0, relabel=True, **extra):
+    """A student stage folder as stage=student writes it: metrics.json (+ config.yaml)."""
+    _write(job, stage, {"test/acc": acc, "test/mean_class_acc": acc - 0.1, "data/mix/mode": mode,
+                        "data/mix/scale": scale, **extra})
+    if config:
+        config = {"experiment_name": experiment, "mix": {"mode": mode, "scale": scale}, "student": {"name": stage},
+                  "generator": {"model": {"au_adapter": au}, "guidance": {"embedding_scale": sg}},
+                  "relabel": {"enabled": relabel}}
+        (job / stage / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _scaling_sweep(root, config=True):
+    """Hydra multirun layout <root>/<date>/<job>/student/: synthetic_only / concat x scales 1, 2."""
+    accs = {("synthetic_only", 1): 0.40, ("synthetic_only", 2): 0.45, ("concat", 1): 0.62, ("concat", 2): 0.65}
+    for num, ((mode, scale), acc) in enumerate(accs.items()):
+        _job(root / "2025-01-01_00-00-00" / str(num), "student", acc, mode, float(scale), config=config)
+
+
+def _valid_png(path):
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return image.size
+
+
+def _table_rows(text, header):
+    """Markdown table rows (header included) of the section whose title starts with ``header``."""
+    section = text.split(header, 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_scaling_table_and_plot_from_a_sweep_folder(tmp_path):
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "toy"
+    _job(run, "student", 0.60, "real_only")                       # the pipeline's real-only student = baseline
+    _scaling_sweep(run / "multirun")
+    out = run_report(_cfg(run, run / "multirun"))                  # <exp>/multirun: dates and jobs below it
+    report = run / "report"
+    text = (report / "results.md").read_text()
+    assert _table_rows(text, "## Scaling") == [
+        "| mode \\ scale | 0 | 1 | 2 |",
+        "| real only | 0.6000 | – | – |",
+        "| synthetic only | – | 0.4000 | 0.4500 |",
+        "| real + synthetic (concat) | – | 0.6200 | 0.6500 |"]
+    assert "![scaling](scaling.png)" in text and out["jobs"] == 5
+    _valid_png(report / "scaling.png")
+    merged = json.loads((report / "metrics.json").read_text())
+    assert merged["student/test/acc"] == 0.60                       # the run folder's flat keys stay
+    assert merged["scaling/real_only/0"] == 0.60 and merged["scaling/concat/2"] == 0.65
+    assert merged["scaling/synthetic_only/1"] == 0.40
+    assert "## Ablation" not in text                                 # one experiment: not an ablation
+
+
+def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
+    from lightning_modules.report_plots import StudentRecord, scaling_markdown, scaling_table
+    from lightning_modules.stages.report import run_report
+
+    _job(tmp_path / "base", "student", 0.5, "real_only")
+    sweep = tmp_path / "sweep"
+    _scaling_sweep(sweep)
+    run_report(_cfg(tmp_path / "run", sweep, baseline=str(tmp_path / "base" / "student" / "metrics.json")))
+    text = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert "| real only | 0.5000 | – | – |" in text
+    # pure: repeated points are averaged (n shown); two experiments get their own rows; real-only = fallback baseline
+    records = [StudentRecord("a", "student", "concat", 1.0, 0.6, experiment="x"),
+               StudentRecord("b", "student", "concat", 1.0, 0.8, experiment="x"),
+               StudentRecord("c", "student", "real_only", 0.0, 0.3, experiment="x"),
+               StudentRecord("d", "student", "ratio", 2.0, 0.5, experiment="y")]
+    table = scaling_table(records)
+    assert table.baseline == 0.3 and table.scales == [1.0, 2.0]
+    lines = scaling_markdown(table, image=None)
+    assert "| x: real + synthetic (concat) | – | 0.7000 (n=2) | – |" in lines
+    assert "| y: real + synthetic (ratio) | – | – | 0.5000 |" in lines
+
+
+def test_ablation_table_and_bar_chart(tmp_path):
+    from lightning_modules.stages.report import run_report
+
+    sweep = tmp_path / "ablation" / "2025-01-01_00-00-00"
+    rows = [("toy", True, 1.0, True, 0.70), ("toy_ablation_no_au", False, 1.0, True, 0.66),
+            ("toy_ablation_no_sg", True, 0.0, True, 0.64), ("toy_ablation_no_relabel", True, 1.0, False, 0.62)]
+    for num, (experiment, au, sg, relabel, acc) in enumerate(rows):
+        job = sweep / str(num)
+        _job(job, "student", 0.60, "real_only", experiment=experiment, au=au, sg=sg, relabel=relabel)
+        _job(job, "student_mix", acc, "concat", experiment=experiment, au=au, sg=sg, relabel=relabel)
+        _write(job, "generator", {"eval/fer_acc": 0.5 - num / 10})
+        _write(job, "report", {"student/test/acc": 0.0})           # each pipeline job's own report: not a stage
+    run_report(_cfg(tmp_path / "run", sweep))                        # the run folder itself may be empty
+    report = tmp_path / "run" / "report"
+    text = (report / "results.md").read_text()
+    assert _table_rows(text, "## Ablation") == [
+        "| experiment | job | AU adapter | SG λ | relabel | student acc | student_mix acc | generator FER-Acc |",
+        "| toy | 0 | yes | 1 | yes | 0.6000 | 0.7000 | 0.5000 |",
+        "| toy_ablation_no_au | 1 | no | 1 | yes | 0.6000 | 0.6600 | 0.4000 |",
+        "| toy_ablation_no_sg | 2 | yes | 0 | yes | 0.6000 | 0.6400 | 0.3000 |",
+        "| toy_ablation_no_relabel | 3 | yes | 1 | no | 0.6000 | 0.6200 | 0.2000 |"]
+    assert "![ablation](ablation.png)" in text and "## Scaling" not in text
+    _valid_png(report / "ablation.png")
+    merged = json.loads((report / "metrics.json").read_text())
+    assert merged["ablation/toy_ablation_no_sg/student_mix"] == 0.64
+    assert merged["ablation/toy/generator/fer_acc"] == 0.5
+
+
+def test_synthetic_sample_grid_linked(tmp_path):
+    from test_relabel import write_toy_synthetic_set
+
+    from datamodules.synthetic import load_synthetic
+    from lightning_modules.report_plots import pick_per_class
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "run"
+    _job(run, "student", 0.5, "real_only")
+    write_toy_synthetic_set(run / "synthesize" / "dataset", n=24, shards=1)
+    run_report(_cfg(run))
+    report = run / "report"
+    text = (report / "results.md").read_text()
+    assert "## Synthetic samples (synthesize/dataset, 24 faces" in text
+    assert "![synthetic_samples](synthetic_samples.png)" in text
+    classes = len(set(load_synthetic(run / "synthesize" / "dataset")["target_label"]))
+    width, height = _valid_png(report / "synthetic_samples.png")
+    assert (width, height) == (96 + 3 * 64, classes * 64)           # 3 faces per class, 32 px at 2x, label column
+    # pure: first faces of each class, dropped (kept=false) and unknown (-1) labels left out
+    assert pick_per_class([2, 0, 2, 2, -1, 0, 2], 2, kept=[1, 1, 0, 1, 1, 1, 1]) == {0: [1, 5], 2: [0, 3]}
+
+
+def test_sweep_errors_and_jobs_without_config(tmp_path):
+    from lightning_modules.stages.report import run_report
+
+    sweep = tmp_path / "sweep"
+    _scaling_sweep(sweep, config=False)                               # no config.yaml: data/mix/* keys are used
+    with pytest.warns(UserWarning, match=r"4 student folder\(s\) without a readable config.yaml"):
+        run_report(_cfg(tmp_path / "run", sweep))
+    text = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert "| real + synthetic (concat) | – | 0.6200 | 0.6500 |" in text
+    (sweep / "2025-01-01_00-00-00" / "3" / "student" / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match="2025-01-01_00-00-00/3/student/metrics.json"):
+        run_report(_cfg(tmp_path / "run", sweep))
+    with pytest.raises(FileNotFoundError, match="report.dirs"):
+        run_report(_cfg(tmp_path / "run", tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        run_report(_cfg(tmp_path / "empty"))
+
+
+def test_generator_table_optional_columns():
+    with_fid = render_results_md({"generator": {"eval/fer_acc": 0.5, "eval/fid": 40.0, "eval/unguided/fer_acc": 0.3}},
+                                 [], "t")
+    assert "eval/fid" in with_fid and "eval/unguided/fer_acc" in with_fid
+    assert "| generator | 0.5000 | 0.3000 |" in with_fid
+    plain = render_results_md({"generator": {"eval/fer_acc": 0.5}}, [], "t")
+    assert "eval/fid" not in plain and "eval/unguided" not in plain
+
+
+def test_report_config_node_composes(tmp_path):
+    from conftest import TINY, compose
+
+    cfg = compose([*TINY, "stage=report", "report.dirs=[a,b]"], tmp_path / "run")
+    assert list(cfg.report.dirs) == ["a", "b"] and cfg.report.baseline is None and cfg.report.grid_per_class == 8

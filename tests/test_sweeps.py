@@ -72,6 +72,15 @@ def test_tiny_scaling_multirun_runs_each_point_in_its_own_run(tmp_path):
     for job in jobs:
         config = OmegaConf.load(job.parent / "config.yaml")
         assert config.logger.wandb.group == "sw-scaling" and config.mix.scale == 0.5
+    # the report reads the real sweep folder: one scaling row per mode
+    from conftest import compose
+    from lightning_modules.stages.report import run_report
+
+    run_report(compose([*TINY, f"report.dirs=[{tmp_path / 'sw' / 'multirun'}]"], tmp_path / "report_run"))
+    text = (tmp_path / "report_run" / "report" / "results.md").read_text()
+    accuracy = {json.loads(p.read_text())["data/mix/mode"]: json.loads(p.read_text())["test/acc"] for p in jobs}
+    assert "synthetic only" in text and f"{accuracy['synthetic_only']:.4f}" in text
+    assert (tmp_path / "report_run" / "report" / "scaling.png").is_file()
 
 
 @pytest.mark.parametrize("experiment, data", [("affectnet8_scale", "affectnet"), ("rafdb_scale", "rafdb"),

@@ -1,0 +1,321 @@
+"""Pure builders behind ``stage=report``: scaling and ablation tables (markdown + flat metrics), their plots, and the
+per-expression grid of synthetic faces. No file discovery here (lightning_modules/stages/report.py does that)."""
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# Mix modes in table order; concat and ratio both train on real + synthetic faces.
+MODE_LABELS = {"real_only": "real only", "synthetic_only": "synthetic only", "concat": "real + synthetic (concat)",
+               "ratio": "real + synthetic (ratio)"}
+# Ablation switches: column title -> config keys, first present wins (synthesis may override the generator's SG λ).
+SWITCHES = {"AU adapter": ("generator.model.au_adapter",),
+            "SG λ": ("synthesis.guidance.embedding_scale", "generator.guidance.embedding_scale"),
+            "relabel": ("relabel.enabled",)}
+
+
+def select(config: dict, dotted: str) -> Any:
+    """``config["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts job "2" before job "10"."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def fmt(value) -> str:
+    """A table cell: floats to 4 decimals (1 above 10), booleans yes/no, None as a dash."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return "–" if value is None else str(value)
+
+
+def fmt_switch(value) -> str:
+    """A config switch: floats as written (λ = 1, not 1.0000)."""
+    return f"{value:g}" if isinstance(value, float) else fmt(value)
+
+
+def fmt_scale(scale: float) -> str:
+    return f"{float(scale):g}"
+
+
+@dataclass
+class StudentRecord:
+    """One FER student run (a stage folder with ``test/acc`` and mix settings) of one job."""
+    job: str
+    stage: str
+    mode: Optional[str]
+    scale: Optional[float]
+    acc: Optional[float]
+    mean_class_acc: Optional[float] = None
+    macro_f1: Optional[float] = None
+    experiment: Optional[str] = None
+    switches: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobResult:
+    """A run folder: every stage's metrics, the resolved config ({} when no config.yaml could be read), its students."""
+    name: str
+    metrics: dict[str, dict]
+    config: dict
+    students: list[StudentRecord]
+
+    @property
+    def experiment(self) -> Optional[str]:
+        return self.config.get("experiment_name")
+
+
+def switches_of(config: dict) -> dict[str, Any]:
+    """The ablation switches (SWITCHES) present in a resolved config."""
+    out = {}
+    for title, keys in SWITCHES.items():
+        value = next((v for v in (select(config, k) for k in keys) if v is not None), None)
+        if value is not None:
+            out[title] = value
+    return out
+
+
+def is_ablation(jobs: Sequence[JobResult]) -> bool:
+    """A folder of jobs is an ablation sweep when they ran at least two different experiments."""
+    return len({j.experiment for j in jobs if j.experiment}) >= 2
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+@dataclass
+class ScalingTable:
+    """Mean test accuracy per (experiment, mode) row and synthetic scale; ``baseline`` = the real-only student."""
+    rows: dict[tuple[Optional[str], str], dict[float, list[float]]]
+    baseline: Optional[float]
+    multi_experiment: bool
+
+    @property
+    def scales(self) -> list[float]:
+        return sorted({s for cells in self.rows.values() for s in cells})
+
+    @property
+    def n_cells(self) -> int:
+        return sum(len(cells) for cells in self.rows.values())
+
+    def label(self, key: tuple[Optional[str], str]) -> str:
+        experiment, mode = key
+        name = MODE_LABELS.get(mode, mode)
+        return f"{experiment}: {name}" if self.multi_experiment else name
+
+
+def scaling_table(records: Sequence[StudentRecord], baseline: Optional[float] = None) -> ScalingTable:
+    """Students trained with synthetic faces, grouped by mode and ``mix.scale`` (repeated points are averaged).
+    ``baseline`` None: the mean of the real-only students among ``records`` (None if there are none)."""
+    synthetic = [r for r in records if r.mode not in (None, "real_only") and r.scale is not None and r.acc is not None]
+    if baseline is None:
+        real = [r.acc for r in records if r.mode == "real_only" and r.acc is not None]
+        baseline = statistics.fmean(real) if real else None
+    multi = len({r.experiment for r in synthetic}) > 1
+    order = list(MODE_LABELS)
+    keyed = sorted(synthetic, key=lambda r: (str(r.experiment) if multi else "",
+                                             order.index(r.mode) if r.mode in order else len(order), str(r.mode)))
+    rows: dict[tuple[Optional[str], str], dict[float, list[float]]] = {}
+    for r in keyed:
+        rows.setdefault((r.experiment if multi else None, r.mode), {}).setdefault(float(r.scale), []).append(r.acc)
+    return ScalingTable({k: dict(sorted(v.items())) for k, v in rows.items()}, baseline, multi)
+
+
+def _mean_cell(values: Optional[list[float]]) -> str:
+    if not values:
+        return "–"
+    return fmt(statistics.fmean(values)) + (f" (n={len(values)})" if len(values) > 1 else "")
+
+
+def scaling_markdown(table: ScalingTable, image: Optional[str] = "scaling.png") -> list[str]:
+    """Rows = mix modes (and the real-only baseline), columns = synthetic scale (× real train size), cells = mean
+    test accuracy on real data."""
+    scales = table.scales
+    lines = ["## Scaling (student test accuracy on real data vs synthetic set size, × the real train set)", "",
+             "| mode \\ scale | 0 | " + " | ".join(fmt_scale(s) for s in scales) + " |",
+             "|---" * (len(scales) + 2) + "|"]
+    if table.baseline is not None:
+        lines.append(f"| {MODE_LABELS['real_only']} | {fmt(table.baseline)} | " + " | ".join("–" for _ in scales)
+                     + " |")
+    for key, cells in table.rows.items():
+        lines.append(f"| {table.label(key)} | – | " + " | ".join(_mean_cell(cells.get(s)) for s in scales) + " |")
+    lines.append("")
+    if image:
+        lines += [f"![scaling]({image})", ""]
+    return lines
+
+
+def scaling_metrics(table: ScalingTable) -> dict[str, float]:
+    """Flat ``scaling/[<experiment>/]<mode>/<scale>`` -> mean accuracy; the baseline as ``scaling/real_only/0``."""
+    out = {} if table.baseline is None else {"scaling/real_only/0": table.baseline}
+    for (experiment, mode), cells in table.rows.items():
+        prefix = f"scaling/{experiment}/{mode}" if table.multi_experiment else f"scaling/{mode}"
+        out.update({f"{prefix}/{fmt_scale(s)}": statistics.fmean(v) for s, v in cells.items()})
+    return out
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_scaling(table: ScalingTable, path: str | Path) -> Path:
+    """Test accuracy vs synthetic scale, one line per row, the real-only student as a dashed horizontal line."""
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    for key, cells in table.rows.items():
+        scales = list(cells)
+        ax.plot(scales, [statistics.fmean(cells[s]) for s in scales], marker="o", label=table.label(key))
+    if table.baseline is not None:
+        ax.axhline(table.baseline, color="gray", linestyle="--", label=f"real only ({table.baseline:.3f})")
+    ax.set_xlabel("synthetic faces (× real train set)")
+    ax.set_ylabel("test accuracy (real test set)")
+    ax.set_xticks(table.scales)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ ablation
+@dataclass
+class AblationRow:
+    """One ablation job: its switches, each student's test accuracy and the generator's FER-Acc."""
+    name: str
+    job: str
+    switches: dict[str, Any]
+    students: dict[str, Optional[float]]
+    mixed: Optional[str]               # the student the bar chart shows (trained with synthetic faces if any)
+    generator_fer_acc: Optional[float]
+    real_only: list[float] = field(default_factory=list)  # test accuracies of its real-only students
+
+
+def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
+    """One row per job, named by its experiment (with the job when two jobs share one)."""
+    names = [j.experiment or j.name for j in jobs]
+    rows = []
+    for job, name in zip(jobs, names):
+        switches = switches_of(job.config)
+        if "relabel" not in switches and "relabel" in job.metrics:
+            switches["relabel"] = True
+        students = {s.stage: s.acc for s in job.students}
+        mixed = next((s.stage for s in job.students if s.mode not in (None, "real_only") and s.acc is not None),
+                     next((s.stage for s in job.students if s.acc is not None), None))
+        real = [s.acc for s in job.students if s.mode == "real_only" and s.acc is not None]
+        rows.append(AblationRow(name if names.count(name) == 1 else f"{name} ({job.name})", job.name, switches,
+                                students, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"), real))
+    return rows
+
+
+def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablation.png") -> list[str]:
+    """Columns: the switches, every student's test accuracy, the generator's FER-Acc."""
+    switches = [t for t in SWITCHES if any(t in r.switches for r in rows)]
+    students = list(dict.fromkeys(s for r in rows for s in r.students))
+    fer = any(r.generator_fer_acc is not None for r in rows)
+    columns = ["experiment", "job", *switches, *[f"{s} acc" for s in students], *(["generator FER-Acc"] if fer else [])]
+    lines = ["## Ablation (one row per job; student accuracy on the real test set)", "",
+             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        cells = [r.name, r.job, *[fmt_switch(r.switches.get(t)) for t in switches],
+                 *[fmt(r.students.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if image:
+        lines += [f"![ablation]({image})", ""]
+    return lines
+
+
+def ablation_metrics(rows: Sequence[AblationRow]) -> dict[str, Any]:
+    """Flat ``ablation/<row>/<student>`` -> test accuracy and ``ablation/<row>/generator/fer_acc``."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        out.update({f"ablation/{r.name}/{s}": acc for s, acc in r.students.items()})
+        if r.generator_fer_acc is not None:
+            out[f"ablation/{r.name}/generator/fer_acc"] = r.generator_fer_acc
+    return out
+
+
+def plot_ablation(rows: Sequence[AblationRow], path: str | Path) -> Path:
+    """Bar per row: the mixed student's test accuracy (else any student's); the real-only students' mean dashed."""
+    shown = [r for r in rows if r.mixed is not None]
+    fig = _figure(max(4.0, 1.3 * len(shown) + 1), 4)
+    ax = fig.add_subplot()
+    values = [r.students[r.mixed] for r in shown]
+    bars = ax.bar(range(len(shown)), values, color="tab:blue")
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(shown)), [f"{r.name}\n({r.mixed})" for r in shown], rotation=20, ha="right", fontsize=8)
+    real = [acc for r in rows for acc in r.real_only]
+    if real:
+        ax.axhline(statistics.fmean(real), color="gray", linestyle="--", label="real-only students (mean)")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("test accuracy (real test set)")
+    ax.set_ylim(0, min(1.0, max(values + real + [0.0]) * 1.15 + 0.02))
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ sample grid
+def pick_per_class(labels: Sequence[int], per_class: int, kept: Optional[Sequence[bool]] = None
+                   ) -> dict[int, list[int]]:
+    """Class id -> the first ``per_class`` row indices with that label (kept rows only), for classes present."""
+    labels = np.asarray(labels, dtype=np.int64)
+    mask = labels >= 0 if kept is None else (labels >= 0) & np.asarray(kept, dtype=bool)
+    return {int(c): np.flatnonzero(mask & (labels == c))[:per_class].tolist() for c in np.unique(labels[mask])}
+
+
+def save_synthetic_samples(dataset, per_class: int, path: str | Path, class_names: Sequence[str],
+                           max_size: int = 96) -> Path:
+    """A labelled grid of a synthetic set (``datasets.Dataset`` in the store's columns): one row per expression
+    (``final_label`` when relabelled, else ``target_label``; dropped faces left out), the first ``per_class`` faces,
+    blank cells where a class has fewer."""
+    import torch
+    from PIL import Image
+
+    from lightning_modules.grids import save_labelled_grid
+
+    if per_class < 1:
+        raise ValueError(f"report.grid_per_class must be >= 1, got {per_class}")
+    column = "final_label" if "final_label" in dataset.column_names else "target_label"
+    kept = dataset["kept"] if "kept" in dataset.column_names else None
+    labels = dataset[column]
+    picked = pick_per_class(labels, per_class, kept)
+    if not picked:
+        raise ValueError("the synthetic set has no labelled (kept) faces")
+    order = [i for c in sorted(picked) for i in picked[c]]
+    faces = dict(zip(order, dataset.select(order)["image"]))
+    first = next(iter(faces.values()))
+    size = min(max(first.size), max_size)
+    blank = torch.ones(3, size, size)
+    tiles = []
+    for c in sorted(picked):
+        for i in picked[c]:
+            face = faces[i].convert("RGB").resize((size, size), Image.BILINEAR)
+            tiles.append(torch.from_numpy(np.asarray(face).copy()).permute(2, 0, 1).float() / 255)
+        tiles += [blank] * (per_class - len(picked[c]))
+    ids = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(ids[(ids >= 0) & (np.ones_like(ids, bool) if kept is None else np.asarray(kept, bool))])
+    names = [f"{class_names[c] if c < len(class_names) else c} ({counts[c]})" for c in sorted(picked)]
+    return save_labelled_grid(torch.stack(tiles), names, path, scale=2 if size <= 48 else 1)
