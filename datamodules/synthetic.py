@@ -161,7 +161,8 @@ def write_dataset(directory: str | Path, dataset, name: str = "shard-00000", met
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     tmp = directory / "shards" / f".{name}.tmp"
-    dataset.save_to_disk(str(tmp))
+    with _quiet_datasets():
+        dataset.save_to_disk(str(tmp))
     os.replace(tmp, directory / "shards" / name)
     _write_manifest(directory, {"format": FORMAT, "shards": [{"name": name, "count": len(dataset)}],
                                 "meta": meta or {}})
