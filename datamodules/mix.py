@@ -102,13 +102,13 @@ class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 class MixedFERDataModule(L.LightningDataModule):
     def __init__(self, real: RealFERDataModule, synthetic: str | Sequence[str] | None = None,
-                 mode: str = "real_only", scale: float = 1.0, ratio: float = 0.5, class_balance: bool = False,
+                 mode: str = "real_only", scale: Optional[float] = 1.0, ratio: float = 0.5, class_balance: bool = False,
                  use_relabel: bool = True, kept_only: bool = True, synthetic_augment: Optional[dict] = None,
                  seed: int = 0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mix.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if scale < 0:
+        if scale is not None and scale < 0:
             raise ValueError(f"mix.scale must be >= 0 (synthetic size = scale × real train size), got {scale}")
         if mode == "ratio" and not 0 < ratio < 1:
             raise ValueError(f"mix.ratio must be in (0, 1) for mix.mode=ratio, got {ratio} (ratio 1 is "
@@ -122,7 +122,9 @@ class MixedFERDataModule(L.LightningDataModule):
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in synthetic_augment.items()}))
         except TypeError as err:
             raise ValueError(f"mix.synthetic_augment: {err}") from err
-        self.real, self.mode, self.scale, self.ratio = real, mode, float(scale), float(ratio)
+        # scale None = every (kept) face of the set, e.g. the pipeline's mixed student after a vote dropped some
+        self.real, self.mode, self.ratio = real, mode, float(ratio)
+        self.scale = None if scale is None else float(scale)
         self.synthetic = [synthetic] if isinstance(synthetic, str) else list(synthetic or [])
         self.class_balance, self.use_relabel, self.kept_only, self.seed = class_balance, use_relabel, kept_only, seed
         for name in ("num_classes", "class_names", "vocab", "image_size", "batch_size", "eval_batch_size",
@@ -134,8 +136,8 @@ class MixedFERDataModule(L.LightningDataModule):
         self.synthetic_labels = np.zeros(0, dtype=np.int64)
 
     # ------------------------------------------------------------------ building
-    def _load_synthetic(self, n: int):
-        """The first ``n`` (kept) rows -> (rows, labels, soft rows or None, any soft)."""
+    def _load_synthetic(self, n: Optional[int]):
+        """The first ``n`` (kept; None = all) rows -> (rows, labels, soft rows or None, any soft)."""
         from datamodules.synthetic import load_synthetic
 
         try:
@@ -145,6 +147,7 @@ class MixedFERDataModule(L.LightningDataModule):
         cols = data.column_names
         usable = (np.flatnonzero(np.asarray(data["kept"], dtype=bool)) if self.kept_only and "kept" in cols
                   else np.arange(len(data)))
+        n = len(usable) if n is None else n
         if len(usable) < n:
             raise ValueError(f"mix.scale={self.scale} needs {n} synthetic rows (scale × {self.num_real} real train "
                              f"faces) but mix.synthetic {self.synthetic} has only {len(usable)}"
@@ -175,8 +178,11 @@ class MixedFERDataModule(L.LightningDataModule):
         real = self.real
         records = real.records["train"]
         self.num_real = len(records)
-        n_syn = 0 if self.mode == "real_only" else int(round(self.scale * self.num_real))
+        n_syn = None if self.scale is None else int(round(self.scale * self.num_real))
+        n_syn = 0 if self.mode == "real_only" else n_syn
         syn = self._load_synthetic(n_syn) if self.mode != "real_only" else None
+        if syn is not None:
+            n_syn = len(syn[1])
         any_soft = syn is not None and syn[3]
         self.num_soft = sum(s is not None for s in syn[2]) if syn is not None else 0
         with_soft = real.soft_labels or any_soft  # one key set for every item, or batches would not collate
@@ -209,7 +215,9 @@ class MixedFERDataModule(L.LightningDataModule):
 
     def summary(self) -> dict[str, Any]:
         out = self.real.summary()
-        out["mix"] = {"mode": self.mode, "scale": self.scale, "ratio": self.ratio if self.mode == "ratio" else None,
+        num_real = len(self.real.records.get("train", [])) or 1
+        scale = self.scale if self.scale is not None else round(self.num_synthetic / num_real, 4)
+        out["mix"] = {"mode": self.mode, "scale": scale, "ratio": self.ratio if self.mode == "ratio" else None,
                       "class_balance": self.class_balance, "synthetic": self.synthetic,
                       "synthetic_size": self.num_synthetic, "soft_labels": self.num_soft,
                       "synthetic_class_counts": np.bincount(self.synthetic_labels,

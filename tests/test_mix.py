@@ -377,3 +377,22 @@ def test_synthetic_labels_outside_protocol(sets):
     with pytest.raises(ValueError, match=r"^mix\.synthetic: row .* 7-class protocol"):
         dm = MixedFERDataModule(make_real(protocol=7), str(sets["plain"][0]), mode="concat", scale=1.0)
         dm.setup("fit")
+
+
+def test_scale_null_takes_every_kept_face(tmp_path):
+    """mix.scale=None (the pipeline's mixed student): all kept faces, whatever the vote dropped."""
+    from datamodules.real import RealFERDataModule
+    from datamodules.synthetic import load_synthetic, write_dataset
+    from test_relabel import write_toy_synthetic_set
+
+    raw = tmp_path / "raw"
+    write_toy_synthetic_set(raw, n=20, shards=1)
+    data = load_synthetic(raw)
+    voted = data.add_column("kept", [i % 4 != 0 for i in range(20)])           # 15 kept
+    write_dataset(tmp_path / "voted", voted)
+    real = RealFERDataModule(format="toy", toy={"n_train": 48, "n_val": 16, "n_test": 16, "image_size": 32},
+                             image_size=32, batch_size=8)
+    dm = MixedFERDataModule(real, synthetic=str(tmp_path / "voted"), mode="concat", scale=None)
+    dm.setup("fit")
+    assert dm.num_synthetic == 15 and len(dm.train_dataset) == 48 + 15
+    assert dm.summary()["mix"]["scale"] == round(15 / 48, 4)
