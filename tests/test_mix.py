@@ -396,3 +396,6 @@ def test_scale_null_takes_every_kept_face(tmp_path):
     dm.setup("fit")
     assert dm.num_synthetic == 15 and len(dm.train_dataset) == 48 + 15
     assert dm.summary()["mix"]["scale"] == round(15 / 48, 4)
+    write_dataset(tmp_path / "none_kept", data.add_column("kept", [False] * 20))
+    with pytest.raises(ValueError, match=r"mix\.synthetic.*no kept faces"):
+        MixedFERDataModule(real, synthetic=str(tmp_path / "none_kept"), mode="concat", scale=None).setup("fit")
