@@ -217,3 +217,18 @@ def test_voters_with_different_class_counts_are_a_config_error(tiny_cfg, voters,
     cfg = tiny_cfg(*_relabel_overrides(directory, voters), f"relabel.voters.teacher.checkpoint={tmp_path / 'four.ckpt'}")
     with pytest.raises(ConfigError, match="number of classes"):
         run_relabel_stage(cfg)
+
+
+def test_relabelled_samples_are_logged_as_a_wandb_table(tiny_cfg, voters, synthetic_set):
+    """DESIGN §4 logging: a table of synthetic faces with their conditioned and final labels (offline wandb run)."""
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    directory, _ = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters), "logger=default", "relabel.log_samples=5")
+    run_relabel_stage(cfg)
+    run = next((Path(cfg.paths.run_dir) / "relabel" / "wandb").glob("offline-run-*"))
+    tables = list(run.glob("files/media/table/relabel/samples*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["image", "sample_id", "conditioned", "final", "confidence", "soft", "kept"]
+    assert len(table["data"]) == 5 and table["data"][0][1] == "syn-0-0"

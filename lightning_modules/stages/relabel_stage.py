@@ -108,6 +108,24 @@ def merge_predictions(directory: Path, world_size: int, expected_ids: list[str])
     return stacked[:, [position[sid] for sid in expected_ids]]
 
 
+def log_sample_table(loggers, dataset, class_names: list[str], n: int) -> None:
+    """The first ``n`` relabelled faces as a wandb table: image, conditioned and final label, confidence, kept."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wandb_loggers or n <= 0:
+        return
+    import wandb
+
+    rows = dataset.select(range(min(n, len(dataset))))
+    name = (lambda c: class_names[c] if 0 <= c < len(class_names) else str(c))
+    data = [[wandb.Image(r["image"]), r["sample_id"], name(int(r["target_label"])), name(int(r["final_label"])),
+             float(r["confidence"]), bool(r["is_soft"]), bool(r["kept"])] for r in rows]
+    for lg in wandb_loggers:
+        lg.log_table("relabel/samples", columns=["image", "sample_id", "conditioned", "final", "confidence", "soft",
+                                                 "kept"], data=data)
+
+
 def run_relabel_stage(cfg: DictConfig) -> dict:
     from torch.utils.data import DataLoader
 
@@ -167,6 +185,7 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                        "dataset": str(out_dir / "dataset"), "data_card": card}
             for lg in loggers:
                 lg.log_metrics({f"relabel/{k}": v for k, v in card.items() if isinstance(v, (int, float))})
+            log_sample_table(loggers, relabelled, class_names, int(rl.log_samples))
     finally:
         runtime.finish_loggers(loggers)
     if trainer.is_global_zero:
