@@ -167,6 +167,13 @@ def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, max_epochs: int, m
     return trainer, loggers
 
 
+def record_stage(trainer: L.Trainer, out_dir: Path, metrics: dict[str, Any], digest: str) -> None:
+    """Rank 0: metrics.json, then the done marker (a marker never points at missing numbers)."""
+    if trainer.is_global_zero:
+        write_metrics(out_dir, metrics)
+        mark_done(out_dir, digest)
+
+
 def flatten(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
     """Nested dicts to one level with '/'-joined keys (metrics.json is flat)."""
     if isinstance(value, dict):

@@ -158,9 +158,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
                 metrics["eval"] = evaluate_with_teacher(cfg, model, datamodule, out_dir, loggers)
     finally:
         runtime.finish_loggers(loggers)
-    if trainer.is_global_zero:
-        runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, digest)
+    runtime.record_stage(trainer, out_dir, metrics, digest)
     return metrics
 
 

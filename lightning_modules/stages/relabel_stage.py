@@ -188,7 +188,5 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
             log_sample_table(loggers, relabelled, class_names, int(rl.log_samples))
     finally:
         runtime.finish_loggers(loggers)
-    if trainer.is_global_zero:
-        runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, done_digest(cfg))
+    runtime.record_stage(trainer, out_dir, metrics, done_digest(cfg))
     return metrics

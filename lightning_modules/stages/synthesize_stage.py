@@ -190,9 +190,7 @@ def run_synthesize_stage(cfg: DictConfig) -> dict:
                 lg.log_metrics({f"synthesize/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     finally:
         runtime.finish_loggers(loggers)
-    if trainer.is_global_zero:
-        runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, fingerprint)
+    runtime.record_stage(trainer, out_dir, metrics, fingerprint)
     return metrics
 
 
