@@ -137,7 +137,7 @@ class MixedFERDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ building
     def _load_synthetic(self, n: Optional[int]):
-        """The first ``n`` (kept; None = all) rows -> (rows, labels, soft rows or None, any soft)."""
+        """The first ``n`` (kept; None = all) rows -> (rows, their labels, how many carry a soft label)."""
         from datamodules.synthetic import load_synthetic
 
         try:
@@ -158,21 +158,15 @@ class MixedFERDataModule(L.LightningDataModule):
         rows = data.select(usable[:n])
         relabelled = self.use_relabel and "final_label" in cols
         labels = np.asarray(rows["final_label" if relabelled else "target_label"], dtype=np.int64)
-        is_soft = (np.asarray(rows["is_soft"], dtype=bool) if relabelled and "is_soft" in cols
-                   else np.zeros(n, dtype=bool))
-        soft: list = [None] * n
-        if is_soft.any():
-            stored = rows.select(np.flatnonzero(is_soft))["soft_label"]
-            for i, s in zip(np.flatnonzero(is_soft), stored):  # (final_label is the soft label's argmax)
-                soft[i] = np.asarray(s, dtype=np.float32)
-        bad = [i for i in range(n) if not 0 <= labels[i] < self.num_classes
-               or (soft[i] is not None and len(soft[i]) != self.num_classes)]
-        if bad:
-            raise ValueError(f"mix.synthetic: row {rows[int(bad[0])]['sample_id']} (and {len(bad) - 1} more) has a "
-                             f"label outside the {self.num_classes}-class protocol of the real data")
-        if n and len(rows.select_columns(["target_aus"])[0]["target_aus"]) != len(self.vocab):
+        num_soft = int(np.sum(rows["is_soft"])) if relabelled and "is_soft" in cols else 0
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if len(bad) or (relabelled and n and len(rows[0]["soft_label"]) != self.num_classes):
+            where = f"row {rows[int(bad[0])]['sample_id']} (and {len(bad) - 1} more) has a label" if len(bad) \
+                else "the soft labels are"
+            raise ValueError(f"mix.synthetic: {where} outside the {self.num_classes}-class protocol of the real data")
+        if n and len(rows[0]["target_aus"]) != len(self.vocab):
             raise ValueError(f"mix.synthetic: AU vectors do not match the real data's {len(self.vocab)} AUs")
-        return rows, labels, soft, bool(is_soft.any())
+        return rows, labels, num_soft
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.real.setup(stage)
@@ -186,9 +180,8 @@ class MixedFERDataModule(L.LightningDataModule):
         syn = self._load_synthetic(n_syn) if self.mode != "real_only" else None
         if syn is not None:
             n_syn = len(syn[1])
-        any_soft = syn is not None and syn[3]
-        self.num_soft = sum(s is not None for s in syn[2]) if syn is not None else 0
-        with_soft = real.soft_labels or any_soft  # one key set for every item, or batches would not collate
+        self.num_soft = syn[2] if syn is not None else 0
+        with_soft = real.soft_labels or self.num_soft > 0  # one key set for every item, or batches would not collate
         real_ds = real.datasets["train"]
         if with_soft and not real.soft_labels:
             real_ds = RecordDataset(records, train_transform(self.image_size, real.augment), num_aus=len(self.vocab),
@@ -203,7 +196,7 @@ class MixedFERDataModule(L.LightningDataModule):
             self.num_real = 0
         self.num_synthetic = n_syn
         if n_syn:
-            rows, syn_labels, soft, _ = syn
+            rows, syn_labels, _ = syn
             parts.append(SyntheticFERDataset(rows, self.image_size, self.num_classes, self.use_relabel,
                                              kept_only=False, soft_labels=with_soft,
                                              transform=train_transform(self.image_size, self.synthetic_augment)))

@@ -87,6 +87,10 @@ def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, gene
     again = run_synthesize_stage(cfg)
     assert "already holds all 20 samples" in capsys.readouterr().out
     assert (out / MANIFEST).stat().st_mtime_ns == stamp and again["images"] == 20
+    # force=true (as in stage=pipeline force=true) makes the set again, with the same bytes
+    before = _image_bytes(out)
+    forced = run_synthesize_stage(tiny_cfg(*_overrides(generator_dir), "force=true"))
+    assert forced["generated_now"] == 20 and "skipped" not in forced and _image_bytes(out) == before
 
 
 def test_damaged_missing_and_half_written_shards_are_redone(tiny_cfg, generator_dir):

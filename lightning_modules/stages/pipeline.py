@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -56,9 +56,10 @@ def _classifier(cfg: DictConfig, role: str) -> tuple[Path, str, Callable]:
     return out, classifier_stage.done_digest(cfg, role), lambda: classifier_stage.run_classifier_stage(cfg, role)
 
 
-def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, str, Callable] | Callable]]]:
-    """(label, step) in order; a step yields (output folder, digest, runner), or a runner that skips by itself.
-    Built lazily: a step's digest reads the outputs of the steps before it."""
+def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, Optional[str], Callable]]]]:
+    """(label, step) in order; a step yields (output folder, digest, runner); digest None = the stage decides
+    itself whether it has work (synthesis resumes chunk by chunk). Built lazily: a step's digest reads the outputs
+    of the steps before it."""
     from lightning_modules.stages.synthesize_stage import run_synthesize_stage
 
     wanted = list(cfg.pipeline.stages)
@@ -73,7 +74,7 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, str, Call
         steps.append(("generator", lambda: (run_dir / "generator", runtime.config_hash(cfg, generator_stage.HASH_KEYS),
                                             lambda: generator_stage.run_generator_stage(cfg))))
     if "synthesize" in wanted:  # resumes or skips by itself (its fingerprint includes the generator's files)
-        steps.append(("synthesize", lambda: lambda: run_synthesize_stage(cfg)))
+        steps.append(("synthesize", lambda: (run_dir / "synthesize", None, lambda: run_synthesize_stage(cfg))))
     if "feranno" in wanted and relabel_on:
         steps.append(("feranno", lambda: _classifier(feranno_config(cfg), "teacher")))
     if "relabel" in wanted and relabel_on:
@@ -88,18 +89,13 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, str, Call
 def run_pipeline(cfg: DictConfig) -> dict:
     results = {}
     for label, step in _plan(cfg):
-        planned = step()
-        if callable(planned):  # a stage that checks its own outputs
-            metrics = planned() or {}
-            results[label] = "skipped" if metrics.get("skipped") else "ran"
-            continue
-        out_dir, digest, run = planned
-        if not cfg.force and runtime.is_done(out_dir, digest):
+        out_dir, digest, run = step()
+        if digest is not None and not cfg.force and runtime.is_done(out_dir, digest):
             log.info("pipeline: %s is done for config %s, skipping (force=true reruns it)", label, digest)
             results[label] = "skipped"
             continue
-        run()
-        results[label] = "ran"
+        metrics = run() or {}
+        results[label] = "skipped" if metrics.get("skipped") else "ran"
     report = run_report(cfg)
     print(f"\nReport: {Path(report['report_dir']) / 'results.md'}")
     return {**results, **report}

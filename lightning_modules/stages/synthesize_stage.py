@@ -69,14 +69,10 @@ def synthesis_guidance(cfg: DictConfig):
 
 def real_stats(cfg: DictConfig):
     """Class counts and per-class AU statistics of the real train split (for scale / real / fill_rare plans)."""
-    import hydra
-
     from datamodules.plans import RealStats
+    from lightning_modules.stages.classifier_stage import build_datamodule
 
-    try:
-        datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    except hydra.errors.InstantiationException as err:
-        raise ConfigError("data", str(err.__cause__ or err)) from err
+    datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     train = datamodule.records["train"]
     num_aus = len(datamodule.vocab)
@@ -152,7 +148,11 @@ def run_synthesize_stage(cfg: DictConfig) -> dict:
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError("synthesis.plan", str(err)) from err
     fingerprint = synthesis_fingerprint(cfg, plan_cfg, size)
-    if runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():  # every rank sees it
+    force = bool(cfg.get("force", False))
+    if force and _is_rank_zero():  # force=true: make the set again from scratch
+        shutil.rmtree(dataset_dir, ignore_errors=True)
+        (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
+    if not force and runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():
         print(f"synthesize: {dataset_dir} already holds all {size} samples of this config")
         return {**json.loads((out_dir / "metrics.json").read_text()), "skipped": True}
 
