@@ -36,12 +36,43 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return path
 
 
+RUN_DIR_TOKEN = "<run_dir>"
+
+
+def run_dir_of(cfg: DictConfig) -> Optional[str]:
+    """``paths.run_dir`` resolved, or None where the config has none (a masked copy, a test config)."""
+    try:
+        value = OmegaConf.select(cfg, "paths.run_dir", default=None, throw_on_resolution_failure=False)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run
+        return None
+    return str(value) if value is not None else None
+
+
+def location_free(value: Any, run_dir: Optional[str]) -> Any:
+    """``value`` (nested lists/dicts) with paths inside the run folder written as ``<run_dir>/...``: a stage's hash
+    then means the same in a moved copy of the folder or in another run folder (``pipeline.reuse``)."""
+    if run_dir is None:
+        return value
+    prefixes = sorted({run_dir.rstrip("/"), str(Path(run_dir).resolve())}, key=len, reverse=True)
+    if isinstance(value, dict):
+        return {k: location_free(v, run_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [location_free(v, run_dir) for v in value]
+    if isinstance(value, str):
+        for prefix in prefixes:
+            if value == prefix or value.startswith(prefix + "/"):
+                return RUN_DIR_TOKEN + value[len(prefix):]
+    return value
+
+
 def config_hash(cfg: DictConfig, keys: Iterable[str]) -> str:
-    """Hash of the resolved config subtrees a stage depends on (its skip-if-done key)."""
+    """Hash of the resolved config subtrees a stage depends on (its skip-if-done key), independent of where the
+    run folder is."""
     parts = {}
     for key in keys:
         value = OmegaConf.select(cfg, key)
         parts[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    parts = location_free(parts, run_dir_of(cfg))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -82,3 +82,20 @@ def test_config_hash_tracks_relevant_keys(tiny_cfg):
     keys = ["data", "teacher", "trainer", "seed"]
     assert config_hash(a, keys) == config_hash(b, keys)
     assert config_hash(a, keys) != config_hash(c, keys)
+
+
+def test_config_hash_does_not_depend_on_where_the_run_folder_is(tmp_path):
+    from conftest import TINY, compose
+    from lightning_modules.runtime import location_free
+
+    keys = ["data", "generator", "trainer", "seed"]  # generator.guidance.classifier lies in the run folder
+    here, there = compose(TINY, tmp_path / "a"), compose(TINY, tmp_path / "b" / "c")
+    assert str(tmp_path / "a") in str(here.generator.guidance.classifier)
+    assert config_hash(here, keys) == config_hash(there, keys)
+    assert config_hash(here, keys) != config_hash(compose([*TINY, "generator.guidance.classifier=/x.ckpt"],
+                                                          tmp_path / "a"), keys)
+    # only whole path components are replaced: a sibling folder sharing the prefix is another path
+    assert location_free({"p": [str(tmp_path / "a" / "x"), str(tmp_path / "ab")]}, str(tmp_path / "a")) == \
+        {"p": ["<run_dir>/x", str(tmp_path / "ab")]}
+    assert location_free("relative/run/x", "relative/run") == "<run_dir>/x"
+

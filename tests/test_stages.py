@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import train
+from conftest import TINY, compose
 from lightning_modules.runtime import ConfigError
 from lightning_modules.stages.classifier_stage import run_classifier_stage
 from lightning_modules.teacher import load_teacher
@@ -58,6 +59,18 @@ def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     merged = json.loads((report / "metrics.json").read_text())
     assert "teacher/test/acc" in merged and "student/test/acc" in merged
     assert merged["student_mix/data/mix/synthetic_size"] == 96 and merged["synthesize/images"] == 96
+    # another run folder reuses the finished steps of this one that have its config and inputs (an ablation row)
+    row = tmp_path / "row"
+    reused = train.run_stage(compose([*TINY, *PIPELINE, f"pipeline.reuse={run}", "relabel.enabled=false",
+                                      "experiment_name=no_relabel"], row))
+    assert [s for s in STEPS if reused.get(s) != "reused"] == ["feranno", "relabel", "student_mix"], reused
+    assert reused["student_mix"] == "ran" and "feranno" not in reused and not (row / "relabel").exists()
+    assert json.loads((row / "teacher" / "stage_done.json").read_text())["reused_from"] == str(run / "teacher")
+    assert "experiment_name: no_relabel" in (row / "teacher" / "config.yaml").read_text()
+    assert (row / "synthesize" / "dataset" / "manifest.json").is_file()
+    assert json.loads((row / "student_mix" / "metrics.json").read_text())["data/mix/synthetic_size"] == 96
+    with pytest.raises(ConfigError, match=r"pipeline\.reuse"):
+        train.run_stage(compose([*TINY, *PIPELINE, f"pipeline.reuse={tmp_path / 'nowhere'}"], row))
     # a killed pipeline resumes: finished stages with the same config are skipped...
     ckpt_mtime = (run / "teacher" / "teacher.ckpt").stat().st_mtime
     second = train.run_stage(tiny_cfg(*PIPELINE))

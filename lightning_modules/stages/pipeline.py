@@ -3,13 +3,16 @@ folder, handing artifacts over by path. A stage whose outputs exist for the same
 skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
-``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/``.
+``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/``. ``pipeline.reuse`` names
+another run folder: a step it finished with the same config and inputs is copied from there instead of rerun (the
+rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run folder is).
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -51,16 +54,17 @@ def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     return out
 
 
-def _classifier(cfg: DictConfig, role: str) -> tuple[Path, str, Callable]:
+Step = tuple[Path, str, Callable[[], dict], DictConfig]  # output folder, done digest, runner, the step's config
+
+
+def _classifier(cfg: DictConfig, role: str) -> Step:
     out = Path(cfg.paths.run_dir) / classifier_stage.output_name(cfg, role)
-    return out, classifier_stage.done_digest(cfg, role), lambda: classifier_stage.run_classifier_stage(cfg, role)
+    return out, classifier_stage.done_digest(cfg, role), lambda: classifier_stage.run_classifier_stage(cfg, role), cfg
 
 
-def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, Optional[str], Callable]]]]:
-    """(label, step) in order; a step yields (output folder, digest, runner); digest None = the stage decides
-    itself whether it has work (synthesis resumes chunk by chunk). Built lazily: a step's digest reads the outputs
-    of the steps before it."""
-    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
+    """(label, step) in order. Built lazily: a step's digest reads the outputs of the steps before it."""
+    from lightning_modules.stages.synthesize_stage import done_fingerprint, run_synthesize_stage
 
     wanted = list(cfg.pipeline.stages)
     unknown = [s for s in wanted if s not in STEPS]
@@ -72,27 +76,49 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], tuple[Path, Optional[
         steps.append(("teacher", lambda: _classifier(cfg, "teacher")))
     if "generator" in wanted:
         steps.append(("generator", lambda: (run_dir / "generator", runtime.config_hash(cfg, generator_stage.HASH_KEYS),
-                                            lambda: generator_stage.run_generator_stage(cfg))))
-    if "synthesize" in wanted:  # resumes or skips by itself (its fingerprint includes the generator's files)
-        steps.append(("synthesize", lambda: (run_dir / "synthesize", None, lambda: run_synthesize_stage(cfg))))
+                                            lambda: generator_stage.run_generator_stage(cfg), cfg)))
+    if "synthesize" in wanted:  # an unfinished set resumes chunk by chunk (its fingerprint covers the generator)
+        steps.append(("synthesize", lambda: (run_dir / "synthesize", done_fingerprint(cfg),
+                                             lambda: run_synthesize_stage(cfg), cfg)))
     if "feranno" in wanted and relabel_on:
         steps.append(("feranno", lambda: _classifier(feranno_config(cfg), "teacher")))
     if "relabel" in wanted and relabel_on:
         steps.append(("relabel", lambda: (run_dir / "relabel", relabel_stage.done_digest(cfg),
-                                          lambda: relabel_stage.run_relabel_stage(cfg))))
+                                          lambda: relabel_stage.run_relabel_stage(cfg), cfg)))
     if "students" in wanted:
         for name, one in student_configs(cfg).items():
             steps.append((name, lambda one=one: _classifier(one, "student")))
     return steps
 
 
+def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig) -> bool:
+    """Copy ``source`` (the same stage of another run folder) to ``out_dir`` when it finished with ``digest``.
+    Files keep their times, so the fingerprints of later steps match the other folder's; the config.yaml is this
+    run's (the report names rows by it); wandb runs stay with the run that logged them."""
+    if source.resolve() == out_dir.resolve() or not runtime.is_done(source, digest):
+        return False
+    shutil.rmtree(out_dir, ignore_errors=True)  # a partial stage of this folder: the finished one replaces it
+    shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("wandb"))
+    runtime.save_resolved_config(step_cfg, out_dir)
+    runtime.mark_done(out_dir, digest, reused_from=str(source))
+    return True
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
+    reuse = OmegaConf.select(cfg, "pipeline.reuse", default=None)
+    if reuse is not None:
+        require(Path(str(reuse)).is_dir(), "pipeline.reuse", f"no run folder {reuse}")
     results = {}
     for label, step in _plan(cfg):
-        out_dir, digest, run = step()
-        if digest is not None and not cfg.force and runtime.is_done(out_dir, digest):
+        out_dir, digest, run, step_cfg = step()
+        if not cfg.force and runtime.is_done(out_dir, digest):
             log.info("pipeline: %s is done for config %s, skipping (force=true reruns it)", label, digest)
             results[label] = "skipped"
+            continue
+        if reuse is not None and not cfg.force and reuse_stage(Path(str(reuse)) / out_dir.name, out_dir, digest,
+                                                               step_cfg):
+            print(f"pipeline: {label} reused from {Path(str(reuse)) / out_dir.name} (same config and inputs)")
+            results[label] = "reused"
             continue
         metrics = run() or {}
         results[label] = "skipped" if metrics.get("skipped") else "ran"

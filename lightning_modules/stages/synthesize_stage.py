@@ -83,7 +83,7 @@ def real_stats(cfg: DictConfig):
 
 
 def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
-    syn = OmegaConf.to_container(cfg.synthesis, resolve=True)
+    syn = runtime.location_free(OmegaConf.to_container(cfg.synthesis, resolve=True), runtime.run_dir_of(cfg))
     for key in NOT_FINGERPRINTED:
         syn.pop(key, None)
     parts = {"synthesis": syn, "plan_size": plan_size,
@@ -128,26 +128,38 @@ def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_si
     return read_manifest(dataset_dir)["count"], dropped
 
 
-def run_synthesize_stage(cfg: DictConfig) -> dict:
+def checked_plan(cfg: DictConfig):
+    """The checked config's condition plan, its size and the set's fingerprint."""
     from datamodules.labels import num_classes as protocol_classes
     from datamodules.labels import parse_au_list
     from datamodules.plans import build_plan, plan_size
-    from datamodules.synthesis import SynthesisDataModule
 
     check_synthesis_config(cfg)
-    syn = cfg.synthesis
-    out_dir = runtime.stage_dir(cfg, "synthesize")
-    dataset_dir = out_dir / "dataset"
     plan_cfg = plan_config(cfg)
     vocab = parse_au_list(cfg.data.aus)
-    num_classes = protocol_classes(int(cfg.data.protocol))
     real = real_stats(cfg) if needs_real_data(plan_cfg) else None
     try:
         size = plan_size(plan_cfg, real)
-        plan = build_plan(plan_cfg, num_classes, vocab, real)
+        plan = build_plan(plan_cfg, protocol_classes(int(cfg.data.protocol)), vocab, real)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError("synthesis.plan", str(err)) from err
-    fingerprint = synthesis_fingerprint(cfg, plan_cfg, size)
+    return plan, size, synthesis_fingerprint(cfg, plan_cfg, size)
+
+
+def done_fingerprint(cfg: DictConfig) -> str:
+    """What the done marker of a finished set of this config holds (the pipeline's skip / reuse key)."""
+    return checked_plan(cfg)[2]
+
+
+def run_synthesize_stage(cfg: DictConfig) -> dict:
+    from datamodules.labels import parse_au_list
+    from datamodules.synthesis import SynthesisDataModule
+
+    plan, size, fingerprint = checked_plan(cfg)
+    syn = cfg.synthesis
+    out_dir = runtime.stage_dir(cfg, "synthesize")
+    dataset_dir = out_dir / "dataset"
+    vocab = parse_au_list(cfg.data.aus)
     force = bool(cfg.get("force", False))
     if force and _is_rank_zero():  # force=true: make the set again from scratch
         shutil.rmtree(dataset_dir, ignore_errors=True)
