@@ -40,6 +40,18 @@ def test_ablation_sweep_rows_are_experiments():
         assert one.experiment_name == row and one.logger.wandb.group == "toy-ablation"
 
 
+def test_toy_full_ablation_rows_reuse_the_full_run():
+    cfg = _compose_with_hydra(["sweep=ablation_toy_full"])
+    rows = cfg.hydra.sweeper.params["experiment"].split(",")
+    assert rows[0] == "toy_full" and len(rows) == 4 and cfg.stage == "pipeline"
+    for row in rows:
+        one = _compose_with_hydra(["sweep=ablation_toy_full", f"experiment={row}"])
+        assert one.experiment_name == row and one.pipeline.reuse == "outputs/toy_full"
+        assert one.logger.wandb.group == "toy_full-ablation" and one.data.toy.n_train == 500
+    no_sg = _compose_with_hydra(["sweep=ablation_toy_full", "experiment=toy_full_no_sg"])
+    assert no_sg.synthesis.guidance.embedding_scale == 0.0 and no_sg.generator.guidance.embedding_scale == 1.0
+
+
 @pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation")])
 def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
     spec = yaml.safe_load((CONFIG_DIR / "wandb_sweeps" / f"{name}.yaml").read_text())
