@@ -27,28 +27,29 @@ def _leaves(cfg, prefix=""):
     return out
 
 
-@pytest.mark.parametrize("experiment, switched", [
-    ("toy_ablation_no_au", {"generator.model.au_adapter": False}),
-    ("toy_ablation_no_sg", {}),
-    ("toy_ablation_no_relabel", {"relabel.enabled": False}),
+SG_OFF = {f"synthesis.guidance.{k}": 0.0 for k in ("embedding_scale", "classifier_scale", "au_scale")}
+
+
+@pytest.mark.parametrize("base", ["toy", "toy_full"])
+@pytest.mark.parametrize("row, switched", [
+    ("no_au", {"generator.model.au_adapter": False}),
+    ("no_sg", SG_OFF),  # synthesis only: the generator (and its hash) stays the full method's
+    ("no_relabel", {"relabel.enabled": False}),
 ])
-def test_ablation_experiments_differ_from_toy_only_in_their_switch(tmp_path, experiment, switched):
-    """Each ablation row is the toy experiment with one component off (plus its own output folder)."""
+def test_ablation_experiments_differ_from_their_base_only_in_their_switch(tmp_path, base, row, switched):
+    """Each ablation row is its base experiment with one component off (plus its own output folder)."""
     from conftest import compose
 
     def leaves(name):
         cfg = compose([f"experiment={name}"], tmp_path)
         return _leaves(OmegaConf.to_container(cfg, resolve=False))
 
-    toy, ablation = leaves("toy"), leaves(experiment)
-    diff = {k: v for k, v in ablation.items() if toy.get(k) != v}
-    diff.pop("experiment_name")
-    guidance_off = {k: v for k, v in diff.items() if k.startswith("generator.guidance.")}
-    assert all(v == 0.0 for v in guidance_off.values())  # SG off (toy may turn it on)
-    assert {k: v for k, v in diff.items() if k not in guidance_off} == switched
-    if experiment == "toy_ablation_no_sg":
-        assert all(ablation[f"generator.guidance.{k}"] == 0.0 for k in ("embedding_scale", "classifier_scale",
-                                                                          "au_scale"))
+    experiment = f"toy_ablation_{row}" if base == "toy" else f"toy_full_{row}"
+    full, ablation = leaves(base), leaves(experiment)
+    diff = {k: v for k, v in ablation.items() if full.get(k) != v}
+    assert diff.pop("experiment_name") == experiment
+    assert diff == switched
+    assert ablation["generator.guidance.au_scale"] == 0.0  # AU guidance needs the adapter
 
 
 @pytest.mark.parametrize("overrides,key", [
