@@ -124,3 +124,30 @@ def test_student_on_real_plus_relabelled_synthetic_faces(tiny_cfg, tmp_path):
         run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "mix.scale=0.5"), "student")
     with pytest.raises(ConfigError, match=r"mix\.synthetic"):
         run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "relabel.enabled=false"), "student")
+
+
+def test_reuse_copies_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypatch):
+    """Under DDP every rank runs the pipeline: rank 0 copies the finished stage, the others wait for its marker."""
+    from lightning.pytorch.utilities import rank_zero_only
+    from omegaconf import OmegaConf
+
+    from lightning_modules import runtime
+    from lightning_modules.stages.pipeline import reuse_stage
+
+    source, target = tmp_path / "full" / "teacher", tmp_path / "row" / "teacher"
+    source.mkdir(parents=True)
+    (source / "teacher.ckpt").write_bytes(b"weights")
+    runtime.mark_done(source, "abc")
+    cfg = OmegaConf.create({"experiment_name": "row"})
+    assert not reuse_stage(source, target, "other-digest", cfg)  # finished with another config: not reused
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    with pytest.raises(TimeoutError, match="rank 0 did not copy"):
+        reuse_stage(source, target, "abc", cfg, wait_seconds=0.1)
+    assert not target.exists()  # rank 1 never writes
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
+    assert reuse_stage(source, target, "abc", cfg)
+    assert (target / "teacher.ckpt").read_bytes() == b"weights" and runtime.is_done(target, "abc")
+    assert (target / "teacher.ckpt").stat().st_mtime_ns == (source / "teacher.ckpt").stat().st_mtime_ns
+    monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
+    assert reuse_stage(source, target, "abc", cfg, wait_seconds=0.1)  # the marker is there: rank 1 goes on
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -91,12 +92,26 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     return steps
 
 
-def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig) -> bool:
+REUSE_WAIT_SECONDS = 1800  # other DDP ranks wait this long for rank 0's copy
+
+
+def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig,
+                wait_seconds: float = REUSE_WAIT_SECONDS) -> bool:
     """Copy ``source`` (the same stage of another run folder) to ``out_dir`` when it finished with ``digest``.
     Files keep their times, so the fingerprints of later steps match the other folder's; the config.yaml is this
-    run's (the report names rows by it); wandb runs stay with the run that logged them."""
+    run's (the report names rows by it); wandb runs stay with the run that logged them. Under DDP every process
+    runs the pipeline: rank 0 copies, the others wait for its done marker."""
+    from lightning_modules.stages.synthesize_stage import _is_rank_zero
+
     if source.resolve() == out_dir.resolve() or not runtime.is_done(source, digest):
         return False
+    if not _is_rank_zero():
+        deadline = time.monotonic() + wait_seconds
+        while not runtime.is_done(out_dir, digest):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pipeline.reuse: rank 0 did not copy {source} to {out_dir} in {wait_seconds} s")
+            time.sleep(1.0)
+        return True
     shutil.rmtree(out_dir, ignore_errors=True)  # a partial stage of this folder: the finished one replaces it
     shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("wandb"))
     runtime.save_resolved_config(step_cfg, out_dir)
