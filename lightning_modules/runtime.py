@@ -30,6 +30,13 @@ def require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def is_rank_zero() -> bool:
+    """Before the Trainer exists: the process Lightning (or torchrun / SLURM) calls global rank 0."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def stage_dir(cfg: DictConfig, stage: str) -> Path:
     path = Path(cfg.paths.run_dir) / stage
     path.mkdir(parents=True, exist_ok=True)

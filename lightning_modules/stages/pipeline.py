@@ -65,7 +65,7 @@ def _classifier(cfg: DictConfig, role: str) -> Step:
 
 def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     """(label, step) in order. Built lazily: a step's digest reads the outputs of the steps before it."""
-    from lightning_modules.stages.synthesize_stage import done_fingerprint, run_synthesize_stage
+    from lightning_modules.stages.synthesize_stage import checked_plan, run_synthesize_stage
 
     wanted = list(cfg.pipeline.stages)
     unknown = [s for s in wanted if s not in STEPS]
@@ -79,8 +79,11 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
         steps.append(("generator", lambda: (run_dir / "generator", runtime.config_hash(cfg, generator_stage.HASH_KEYS),
                                             lambda: generator_stage.run_generator_stage(cfg), cfg)))
     if "synthesize" in wanted:  # an unfinished set resumes chunk by chunk (its fingerprint covers the generator)
-        steps.append(("synthesize", lambda: (run_dir / "synthesize", done_fingerprint(cfg),
-                                             lambda: run_synthesize_stage(cfg), cfg)))
+        def synthesize_step() -> Step:
+            checked = checked_plan(cfg)  # plan, size, fingerprint: built once, used as the key and by the run
+            return run_dir / "synthesize", checked[2], lambda: run_synthesize_stage(cfg, checked), cfg
+
+        steps.append(("synthesize", synthesize_step))
     if "feranno" in wanted and relabel_on:
         steps.append(("feranno", lambda: _classifier(feranno_config(cfg), "teacher")))
     if "relabel" in wanted and relabel_on:
@@ -101,11 +104,9 @@ def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig,
     Files keep their times, so the fingerprints of later steps match the other folder's; the config.yaml is this
     run's (the report names rows by it); wandb runs stay with the run that logged them. Under DDP every process
     runs the pipeline: rank 0 copies, the others wait for its done marker."""
-    from lightning_modules.stages.synthesize_stage import _is_rank_zero
-
     if source.resolve() == out_dir.resolve() or not runtime.is_done(source, digest):
         return False
-    if not _is_rank_zero():
+    if not runtime.is_rank_zero():
         deadline = time.monotonic() + wait_seconds
         while not runtime.is_done(out_dir, digest):
             if time.monotonic() > deadline:

@@ -95,13 +95,6 @@ def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _is_rank_zero() -> bool:
-    """Before the Trainer exists: the process Lightning (or torchrun / SLURM) calls global rank 0."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
 def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_size: int) -> tuple[int, list[str]]:
     """Rank 0, before any work: refuse a different config's set (unless ``overwrite``), clean up after a kill.
     Returns (finished samples, shards dropped as damaged)."""
@@ -146,22 +139,19 @@ def checked_plan(cfg: DictConfig):
     return plan, size, synthesis_fingerprint(cfg, plan_cfg, size)
 
 
-def done_fingerprint(cfg: DictConfig) -> str:
-    """What the done marker of a finished set of this config holds (the pipeline's skip / reuse key)."""
-    return checked_plan(cfg)[2]
-
-
-def run_synthesize_stage(cfg: DictConfig) -> dict:
+def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> dict:
+    """``checked``: this config's ``checked_plan`` when the caller already has it (the pipeline keys on its
+    fingerprint), so the plan (and the real-data statistics it may read) is built once."""
     from datamodules.labels import parse_au_list
     from datamodules.synthesis import SynthesisDataModule
 
-    plan, size, fingerprint = checked_plan(cfg)
+    plan, size, fingerprint = checked if checked is not None else checked_plan(cfg)
     syn = cfg.synthesis
     out_dir = runtime.stage_dir(cfg, "synthesize")
     dataset_dir = out_dir / "dataset"
     vocab = parse_au_list(cfg.data.aus)
     force = bool(cfg.get("force", False))
-    if force and _is_rank_zero():  # force=true: make the set again from scratch
+    if force and runtime.is_rank_zero():  # force=true: make the set again from scratch
         shutil.rmtree(dataset_dir, ignore_errors=True)
         (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
     if not force and runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():
@@ -169,7 +159,7 @@ def run_synthesize_stage(cfg: DictConfig) -> dict:
         return {**json.loads((out_dir / "metrics.json").read_text()), "skipped": True}
 
     finished, dropped = 0, []
-    if _is_rank_zero():
+    if runtime.is_rank_zero():
         finished, dropped = prepare_output(dataset_dir, fingerprint, bool(syn.overwrite), size)
         (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "stats", ignore_errors=True)
