@@ -203,7 +203,8 @@ def plot_scaling(table: ScalingTable, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------ ablation
 @dataclass
 class AblationRow:
-    """One ablation job: its switches, each student's test accuracy and the generator's FER-Acc."""
+    """One ablation job: its switches, each student's test accuracy, the generator's FER-Acc and how often the
+    relabel vote agrees with the synthesis condition (what synthesis SG moves, when the generator is shared)."""
     name: str
     job: str
     switches: dict[str, Any]
@@ -211,6 +212,7 @@ class AblationRow:
     mixed: Optional[str]               # the student the bar chart shows (trained with synthetic faces if any)
     generator_fer_acc: Optional[float]
     real_only: list[float] = field(default_factory=list)  # test accuracies of its real-only students
+    vote_agreement: Optional[float] = None
 
 
 def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
@@ -226,21 +228,26 @@ def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
                      next((s.stage for s in job.students if s.acc is not None), None))
         real = [s.acc for s in job.students if s.mode == "real_only" and s.acc is not None]
         rows.append(AblationRow(name if names.count(name) == 1 else f"{name} ({job.name})", job.name, switches,
-                                students, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"), real))
+                                students, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"), real,
+                                job.metrics.get("relabel", {}).get("data_card/agreement_with_condition_all")))
     return rows
 
 
 def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablation.png") -> list[str]:
-    """Columns: the switches, every student's test accuracy, the generator's FER-Acc."""
+    """Columns: the switches, every student's test accuracy, the generator's FER-Acc, the vote/condition agreement
+    (the last two only when some row has them)."""
     switches = [t for t in SWITCHES if any(t in r.switches for r in rows)]
     students = list(dict.fromkeys(s for r in rows for s in r.students))
     fer = any(r.generator_fer_acc is not None for r in rows)
-    columns = ["experiment", "job", *switches, *[f"{s} acc" for s in students], *(["generator FER-Acc"] if fer else [])]
+    vote = any(r.vote_agreement is not None for r in rows)
+    columns = ["experiment", "job", *switches, *[f"{s} acc" for s in students], *(["generator FER-Acc"] if fer else []),
+               *(["vote = condition"] if vote else [])]
     lines = ["## Ablation (one row per job; student accuracy on the real test set)", "",
              "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         cells = [r.name, r.job, *[fmt_switch(r.switches.get(t)) for t in switches],
-                 *[fmt(r.students.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else [])]
+                 *[fmt(r.students.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else []),
+                 *([fmt(r.vote_agreement)] if vote else [])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if image:
@@ -249,12 +256,15 @@ def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablat
 
 
 def ablation_metrics(rows: Sequence[AblationRow]) -> dict[str, Any]:
-    """Flat ``ablation/<row>/<student>`` -> test accuracy and ``ablation/<row>/generator/fer_acc``."""
+    """Flat ``ablation/<row>/<student>`` -> test accuracy, ``ablation/<row>/generator/fer_acc`` and
+    ``ablation/<row>/relabel/agreement_with_condition``."""
     out: dict[str, Any] = {}
     for r in rows:
         out.update({f"ablation/{r.name}/{s}": acc for s, acc in r.students.items()})
         if r.generator_fer_acc is not None:
             out[f"ablation/{r.name}/generator/fer_acc"] = r.generator_fer_acc
+        if r.vote_agreement is not None:
+            out[f"ablation/{r.name}/relabel/agreement_with_condition"] = r.vote_agreement
     return out
 
 

@@ -133,21 +133,26 @@ def test_ablation_table_and_bar_chart(tmp_path):
         _job(job, "student", 0.60, "real_only", experiment=experiment, au=au, sg=sg, relabel=relabel)
         _job(job, "student_mix", acc, "concat", experiment=experiment, au=au, sg=sg, relabel=relabel)
         _write(job, "generator", {"eval/fer_acc": 0.5 - num / 10})
+        if relabel:                                                  # the no-relabel row has no vote
+            _write(job, "relabel", {"data_card/agreement_with_condition_all": [0.4, 0.35, 0.3][num]})
         _write(job, "report", {"student/test/acc": 0.0})           # each pipeline job's own report: not a stage
     run_report(_cfg(tmp_path / "run", sweep))                        # the run folder itself may be empty
     report = tmp_path / "run" / "report"
     text = (report / "results.md").read_text()
     assert _table_rows(text, "## Ablation") == [
-        "| experiment | job | AU adapter | SG λ | relabel | student acc | student_mix acc | generator FER-Acc |",
-        "| toy | 0 | yes | 1 | yes | 0.6000 | 0.7000 | 0.5000 |",
-        "| toy_ablation_no_au | 1 | no | 1 | yes | 0.6000 | 0.6600 | 0.4000 |",
-        "| toy_ablation_no_sg | 2 | yes | 0 | yes | 0.6000 | 0.6400 | 0.3000 |",
-        "| toy_ablation_no_relabel | 3 | yes | 1 | no | 0.6000 | 0.6200 | 0.2000 |"]
+        "| experiment | job | AU adapter | SG λ | relabel | student acc | student_mix acc | generator FER-Acc "
+        "| vote = condition |",
+        "| toy | 0 | yes | 1 | yes | 0.6000 | 0.7000 | 0.5000 | 0.4000 |",
+        "| toy_ablation_no_au | 1 | no | 1 | yes | 0.6000 | 0.6600 | 0.4000 | 0.3500 |",
+        "| toy_ablation_no_sg | 2 | yes | 0 | yes | 0.6000 | 0.6400 | 0.3000 | 0.3000 |",
+        "| toy_ablation_no_relabel | 3 | yes | 1 | no | 0.6000 | 0.6200 | 0.2000 | – |"]
     assert "![ablation](ablation.png)" in text and "## Scaling" not in text
     _valid_png(report / "ablation.png")
     merged = json.loads((report / "metrics.json").read_text())
     assert merged["ablation/toy_ablation_no_sg/student_mix"] == 0.64
     assert merged["ablation/toy/generator/fer_acc"] == 0.5
+    assert merged["ablation/toy_ablation_no_sg/relabel/agreement_with_condition"] == 0.3
+    assert "ablation/toy_ablation_no_relabel/relabel/agreement_with_condition" not in merged
 
 
 def test_synthetic_sample_grid_linked(tmp_path):
