@@ -71,6 +71,10 @@ def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     assert json.loads((row / "student_mix" / "metrics.json").read_text())["data/mix/synthetic_size"] == 96
     with pytest.raises(ConfigError, match=r"pipeline\.reuse"):
         train.run_stage(compose([*TINY, *PIPELINE, f"pipeline.reuse={tmp_path / 'nowhere'}"], row))
+    for bad in ("0", "soon"):
+        with pytest.raises(ConfigError, match=r"pipeline\.reuse_wait_seconds"):
+            train.run_stage(compose([*TINY, *PIPELINE, f"pipeline.reuse={run}", f"pipeline.reuse_wait_seconds={bad}"],
+                                    row))
     # a killed pipeline resumes: finished stages with the same config are skipped...
     ckpt_mtime = (run / "teacher" / "teacher.ckpt").stat().st_mtime
     second = train.run_stage(tiny_cfg(*PIPELINE))
@@ -150,4 +154,3 @@ def test_reuse_copies_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypat
     assert (target / "teacher.ckpt").stat().st_mtime_ns == (source / "teacher.ckpt").stat().st_mtime_ns
     monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
     assert reuse_stage(source, target, "abc", cfg, wait_seconds=0.1)  # the marker is there: rank 1 goes on
-

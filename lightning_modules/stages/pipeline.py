@@ -95,11 +95,7 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     return steps
 
 
-REUSE_WAIT_SECONDS = 1800  # other DDP ranks wait this long for rank 0's copy
-
-
-def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig,
-                wait_seconds: float = REUSE_WAIT_SECONDS) -> bool:
+def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig, wait_seconds: float = 1800) -> bool:
     """Copy ``source`` (the same stage of another run folder) to ``out_dir`` when it finished with ``digest``.
     Files keep their times, so the fingerprints of later steps match the other folder's; the config.yaml is this
     run's (the report names rows by it); wandb runs stay with the run that logged them. Under DDP every process
@@ -122,8 +118,11 @@ def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig,
 
 def run_pipeline(cfg: DictConfig) -> dict:
     reuse = OmegaConf.select(cfg, "pipeline.reuse", default=None)
+    wait = OmegaConf.select(cfg, "pipeline.reuse_wait_seconds", default=1800)
     if reuse is not None:
         require(Path(str(reuse)).is_dir(), "pipeline.reuse", f"no run folder {reuse}")
+        require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
+                "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")
     results = {}
     for label, step in _plan(cfg):
         out_dir, digest, run, step_cfg = step()
@@ -132,7 +131,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             results[label] = "skipped"
             continue
         if reuse is not None and not cfg.force and reuse_stage(Path(str(reuse)) / out_dir.name, out_dir, digest,
-                                                               step_cfg):
+                                                               step_cfg, float(wait)):
             print(f"pipeline: {label} reused from {Path(str(reuse)) / out_dir.name} (same config and inputs)")
             results[label] = "reused"
             continue
