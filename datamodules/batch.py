@@ -1,4 +1,4 @@
-"""The one sample/batch contract shared by every reader, datamodule and LightningModule (DESIGN.md §4)."""
+"""The one sample/batch contract shared by every reader, datamodule and LightningModule."""
 from __future__ import annotations
 
 import warnings
@@ -47,8 +47,26 @@ class FERRecord:
         return Path(self.image).name if isinstance(self.image, str) else self.sample_id
 
 
+class BadFaceBox(ValueError):
+    """A face box that is empty or lies wholly outside its image: there is no face to crop."""
+
+
+def crop_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x, y, w, h) clipped to an image of ``size`` = (width, height), as PIL (left, top, right, bottom).
+
+    A box partly outside the image is clipped to the image (the crop is then smaller than the box, never padded
+    with black); an empty box or one wholly outside raises ``BadFaceBox``.
+    """
+    x, y, w, h = box
+    width, height = size
+    left, top, right, bottom = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
+    if w <= 0 or h <= 0 or right <= left or bottom <= top:
+        raise BadFaceBox(f"face box (x={x}, y={y}, w={w}, h={h}) has no pixels inside the {width}x{height} image")
+    return left, top, right, bottom
+
+
 def load_record_image(record: FERRecord) -> Image.Image:
-    """Decode a record's pixels as an RGB PIL image (gray is replicated), applying the face crop."""
+    """Decode a record's pixels as an RGB PIL image (gray is replicated), applying the face crop (``crop_box``)."""
     if isinstance(record.image, np.ndarray):
         img = Image.fromarray(record.image)
     else:
@@ -57,23 +75,42 @@ def load_record_image(record: FERRecord) -> Image.Image:
             img.load()
     img = img.convert("RGB")
     if record.crop is not None:
-        x, y, w, h = record.crop
-        if w <= 0 or h <= 0:
-            raise ValueError(f"empty face crop {record.crop} for {record.sample_id}")
-        img = img.crop((x, y, x + w, y + h))
+        img = img.crop(crop_box(record.crop, img.size))
     return img
+
+
+# Why a record could not be loaded: the reason keys of the data summary (index = code in RecordDataset.flags).
+UNREADABLE_REASONS = ("", "corrupt_image", "bad_face_box", "missing_image")
+_UNREADABLE = "_unreadable"  # marker key of a sample that collate_fer drops
+
+
+def _failure_code(err: BaseException) -> int:
+    if isinstance(err, BadFaceBox):
+        return UNREADABLE_REASONS.index("bad_face_box")
+    if isinstance(err, FileNotFoundError):
+        return UNREADABLE_REASONS.index("missing_image")
+    return UNREADABLE_REASONS.index("corrupt_image")
+
+
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class RecordDataset(torch.utils.data.Dataset):
     """Map-style dataset over records; decodes lazily and applies ``transform`` (PIL -> float tensor in [-1,1]).
 
-    A record whose image cannot be decoded is skipped: the next decodable record is served instead, the skip
-    is counted and one warning names the first bad file. ``num_aus``/``num_classes`` fill absent fields so that
-    every sample has the same keys and collates.
+    A record whose image cannot be loaded (corrupt bytes, file gone since the read, a face box with no pixels in
+    the image) is never replaced by another record: ``__getitem__`` returns a marker sample that ``collate_fer``
+    drops, so the batch is smaller and no record is seen twice in an epoch. The failure is recorded in
+    ``flags`` (one byte per record, a code into ``UNREADABLE_REASONS``), a tensor in shared memory, so flags
+    set by DataLoader worker processes are seen by the main process: ``unreadable()`` counts distinct bad
+    records per reason, and ``FERDataLoader`` issues one warning per pass that found new ones. Under DDP each
+    rank has its own flags and counts only the records it loaded. ``num_aus``/``num_classes`` fill absent
+    fields so that every sample has the same keys and collates.
     """
 
     def __init__(self, records: Sequence[FERRecord], transform: Callable[[Image.Image], torch.Tensor],
-                 num_aus: int, num_classes: int, with_soft_labels: bool = False):
+                 num_aus: int, num_classes: int, with_soft_labels: bool = False, name: str = "data",
+                 flags: Optional[torch.Tensor] = None):
         if len(records) == 0:
             raise ValueError("RecordDataset got no records")
         self.records = list(records)
@@ -81,14 +118,51 @@ class RecordDataset(torch.utils.data.Dataset):
         self.num_aus = num_aus
         self.num_classes = num_classes
         self.with_soft_labels = with_soft_labels
-        self.corrupt: set[int] = set()
-        self._warned = False
+        self.name = name
+        if flags is None:
+            flags = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
+        if flags.shape != (len(self.records),):
+            raise ValueError(f"flags must have shape ({len(self.records)},), got {tuple(flags.shape)}")
+        self.flags = flags
+        self._warned = 0  # main process: how many bad records the warnings have covered
+
+    def variant(self, transform: Optional[Callable] = None, with_soft_labels: Optional[bool] = None) -> "RecordDataset":
+        """The same records (and shared failure flags) with another transform or soft-label setting."""
+        return RecordDataset(self.records, transform or self.transform, self.num_aus, self.num_classes,
+                             self.with_soft_labels if with_soft_labels is None else with_soft_labels, self.name,
+                             self.flags)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _sample(self, rec: FERRecord) -> dict:
-        image = self.transform(load_record_image(rec))
+    @property
+    def corrupt(self) -> set[int]:
+        """Indices of the records that could not be loaded so far."""
+        return set(torch.nonzero(self.flags).flatten().tolist())
+
+    def unreadable(self) -> dict[str, int]:
+        """reason -> number of distinct records that could not be loaded so far."""
+        counts = torch.bincount(self.flags.long(), minlength=len(UNREADABLE_REASONS)).tolist()
+        return {reason: n for reason, n in zip(UNREADABLE_REASONS[1:], counts[1:]) if n}
+
+    def warn_new_failures(self) -> None:
+        """One warning if records failed since the last call (main process; ``FERDataLoader`` calls it)."""
+        bad = torch.nonzero(self.flags).flatten()
+        if len(bad) <= self._warned:
+            return
+        new, self._warned = len(bad) - self._warned, len(bad)
+        rec = self.records[int(bad[0])]
+        name = rec.image if isinstance(rec.image, str) else rec.sample_id
+        try:  # re-load the first bad record here for its error message (workers cannot send it back)
+            load_record_image(rec)
+            why = "could not be loaded"
+        except _DECODE_ERRORS as err:
+            why = " ".join(str(err).replace(f"'{name}'", "").replace(name, "").split())[:120]
+        warnings.warn(f"{self.name}: {new} unreadable image(s) left out, none served in their place (first: {name}: "
+                      f"{why}); counted in the data summary: {self.unreadable()}", stacklevel=2)
+
+    def _sample(self, rec: FERRecord, pil: Image.Image) -> dict:
+        image = self.transform(pil)
         if rec.aus is not None:
             aus = torch.as_tensor(rec.aus, dtype=torch.float32)
             mask = torch.as_tensor(rec.au_mask if rec.au_mask is not None else np.ones(len(rec.aus), bool))
@@ -108,25 +182,42 @@ class RecordDataset(torch.utils.data.Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict:
-        for offset in range(len(self.records)):
-            i = (index + offset) % len(self.records)
-            if i in self.corrupt:
-                continue
+        rec = self.records[index]
+        if not self.flags[index]:
             try:
-                return self._sample(self.records[i])
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-                self.corrupt.add(i)
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(f"skipping unreadable image {self.records[i].image!r} ({err}); further "
-                                  f"unreadable images are counted in .corrupt without another warning")
-        raise RuntimeError("no record in this dataset has a readable image")
+                pil = load_record_image(rec)
+            except _DECODE_ERRORS as err:
+                self.flags[index] = _failure_code(err)
+            else:
+                return self._sample(rec, pil)
+        # A blank stand-in with the right shapes: collate_fer drops it (and needs its shapes only if the whole
+        # batch is bad).
+        marker = self._sample(rec, Image.new("RGB", (64, 64)))
+        marker[_UNREADABLE] = UNREADABLE_REASONS[int(self.flags[index])]
+        return marker
 
 
 def collate_fer(samples: list[dict]) -> FERBatch:
-    """Stack tensors, keep strings as lists."""
+    """Stack tensors, keep strings as lists; samples that ``RecordDataset`` marked unreadable are dropped (a
+    batch of only such samples gives zero-length tensors)."""
+    good = [s for s in samples if _UNREADABLE not in s]
+    source = good or samples
     batch: dict = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        batch[key] = values if isinstance(values[0], str) else torch.stack(values)
+    for key in source[0]:
+        if key == _UNREADABLE:
+            continue
+        values = [s[key] for s in source]
+        batch[key] = (values if good else []) if isinstance(values[0], str) else torch.stack(values)[: len(good)]
     return batch  # type: ignore[return-value]
+
+
+class FERDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader that, in the main process, warns once per pass in which its ``RecordDataset`` found new
+    unreadable images (workers cannot warn usefully: each would print its own)."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        finally:
+            if isinstance(self.dataset, RecordDataset):
+                self.dataset.warn_new_failures()

@@ -1,4 +1,12 @@
-"""RealFERDataModule: any public format (or the embedded toy faces) as train/val/test loaders of the batch dict."""
+"""RealFERDataModule: any public format (or the embedded toy faces) as train/val/test loaders of the batch dict.
+
+Skipped samples are counted in ``summary()["skipped"]`` as ``<split>/<reason>``: what the readers dropped
+(missing image, duplicate, bad face box, label ids outside the protocol, ...) and what failed to load at decode
+time (``corrupt_image``, ``bad_face_box``, ``missing_image``; such a record is left out of its batch, never
+replaced by another). Decode-time counts are distinct records, gathered from DataLoader workers through shared
+memory; under DDP each rank counts only the records it loaded, and ``summary()`` reports this process's counts
+(rank 0's share in metrics.json; summing over ranks is not done yet).
+"""
 from __future__ import annotations
 
 import collections
@@ -11,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.batch import FERRecord, RecordDataset, collate_fer
+from datamodules.batch import FERDataLoader, FERRecord, RecordDataset, collate_fer
+from datamodules.errors import DataError, DataFileNotFound
 from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_list
 from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
@@ -53,14 +62,17 @@ class RealFERDataModule(L.LightningDataModule):
             if root is None:
                 raise ValueError(f"data.root must be set for data.format={format}")
             if not Path(root).is_dir():
-                raise FileNotFoundError(f"data.root does not exist: {root} (config key: data.root)")
+                raise DataFileNotFound(f"data.root does not exist: {root} (config key: data.root)")
         for key, path in (("data.openface", openface), ("data.captions", captions)):
             if path is not None and not Path(path).exists():
-                raise FileNotFoundError(f"{key} does not exist: {path}")
+                raise DataFileNotFound(f"{key} does not exist: {path}")
         if protocol not in (7, 8):
             raise ValueError(f"data.protocol must be 7 or 8, got {protocol}")
         if val_split not in ("auto", "split", "carve"):
             raise ValueError(f"data.val_split must be auto, split or carve, got {val_split!r}")
+        if val_split == "split" and format == "rafdb":
+            raise ValueError("data.val_split=split: RAF-DB has no val split; use auto or carve (val is carved "
+                             "from train)")
         if not (0 < val_fraction < 1):
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if not (16 <= image_size <= 1024):
@@ -77,6 +89,8 @@ class RealFERDataModule(L.LightningDataModule):
         self.vocab = parse_au_list(aus)
         self.openface, self.captions = openface, captions
         self.format_options = dict(format_options or {})
+        if format != "toy":
+            check_format_options(format, self.format_options)
         self.toy_options = dict(toy or {})
         if format == "toy":
             self.toy_sizes, self.toy_config = parse_toy_options(self.toy_options)  # validates before any work
@@ -97,6 +111,9 @@ class RealFERDataModule(L.LightningDataModule):
         result = read_split(self.format, self.root, split, **self.format_options)
         self.skipped.update({f"{split}/{k}": v for k, v in result.skipped.items()})
         records = result.records
+        ids = [r.sample_id for r in records]
+        if len(set(ids)) != len(ids):  # readers drop duplicates with a count; reaching here is a bug
+            raise RuntimeError(f"{self.format} reader returned a sample_id twice in the {split} split")
         if self.verify_images:
             checked = verify_images(records)
             self.skipped.update({f"{split}/{k}": v for k, v in checked.skipped.items()})
@@ -133,6 +150,11 @@ class RealFERDataModule(L.LightningDataModule):
             n_val = max(1, int(round(self.val_fraction * len(train))))
             val = [train[i] for i in order[:n_val]]
             train = [train[i] for i in order[n_val:]]
+            # Disjoint by sample and by image file: readers drop a file listed twice, so no face is in both.
+            shared = ({r.sample_id for r in val} & {r.sample_id for r in train}) or (
+                {r.image for r in val if isinstance(r.image, str)} & {r.image for r in train if isinstance(r.image, str)})
+            if shared:
+                raise RuntimeError(f"carved val split shares {len(shared)} sample(s) with train, e.g. {min(shared)}")
         else:
             val = self._in_protocol(self._read("val"), "val")
         if self.train_limit is not None and self.train_limit < len(train):
@@ -142,29 +164,39 @@ class RealFERDataModule(L.LightningDataModule):
         self.records = {"train": train, "val": val, "test": test}
         for split, recs in self.records.items():
             if not recs:
-                raise ValueError(f"the {split} split of data.format={self.format} at {self.root} has no usable "
+                raise DataError(f"the {split} split of data.format={self.format} at {self.root} has no usable "
                                  f"samples (skipped: {dict(self.skipped)})")
         if self.skipped:
             warnings.warn(f"{self.format}: skipped samples: {dict(self.skipped)}")
         tf_train = train_transform(self.image_size, self.augment)
         tf_eval = eval_transform(self.image_size)
         common = dict(num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels)
-        self.datasets = {"train": RecordDataset(train, tf_train, **common),
-                         "val": RecordDataset(val, tf_eval, **common),
-                         "test": RecordDataset(test, tf_eval, **common)}
+        self.datasets = {"train": RecordDataset(train, tf_train, name=f"{self.format} train", **common),
+                         "val": RecordDataset(val, tf_eval, name=f"{self.format} val", **common),
+                         "test": RecordDataset(test, tf_eval, name=f"{self.format} test", **common)}
 
     def summary(self) -> dict[str, Any]:
-        """Counts per split and class, and skips: written into each run's metrics.json."""
-        out: dict[str, Any] = {"format": self.format, "skipped": dict(self.skipped)}
+        """Counts per split and class, and skips: written into each run's metrics.json.
+
+        Records that failed to load so far (see the module doc) are counted under ``skipped`` and left out of
+        ``<split>_size`` / ``<split>_class_counts``, which therefore count the faces actually used.
+        """
+        skipped = collections.Counter(self.skipped)
+        out: dict[str, Any] = {"format": self.format}
         for split, recs in self.records.items():
-            labels = np.array([r.label for r in recs])
-            out[f"{split}_size"] = len(recs)
+            dataset = self.datasets.get(split)
+            bad = dataset.flags.numpy() != 0 if dataset is not None else np.zeros(len(recs), bool)
+            if dataset is not None:
+                skipped.update({f"{split}/{k}": v for k, v in dataset.unreadable().items()})
+            labels = np.array([r.label for r in recs])[~bad]
+            out[f"{split}_size"] = len(labels)
             out[f"{split}_class_counts"] = [int((labels == k).sum()) for k in range(self.num_classes)]
+        out["skipped"] = dict(skipped)
         return out
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+        return FERDataLoader(self.datasets[split], batch_size=self.batch_size if split == "train" else self.eval_batch_size,
                           shuffle=shuffle, num_workers=self.num_workers, collate_fn=collate_fer,
                           persistent_workers=self.num_workers > 0, drop_last=False)
 
@@ -179,6 +211,23 @@ class RealFERDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def check_format_options(format: str, options: dict) -> None:
+    """Unknown ``data.format_options`` keys, or a bad FERPlus label_mode, fail here rather than at setup."""
+    import inspect
+
+    from datamodules.formats import READERS
+    from datamodules.formats.ferplus import LABEL_MODES
+
+    try:
+        inspect.signature(READERS[format]).bind("root", "train", **options)
+    except TypeError as err:
+        known = [p for p in inspect.signature(READERS[format]).parameters if p not in ("root", "split")]
+        raise ValueError(f"data.format_options: {err} (options of {format}: {', '.join(known) or 'none'})") from None
+    if format == "ferplus" and options.get("label_mode", "majority") not in LABEL_MODES:
+        raise ValueError(f"data.format_options.label_mode must be one of {', '.join(LABEL_MODES)}, "
+                         f"got {options['label_mode']!r}")
 
 
 def parse_toy_options(options: dict):

@@ -1,4 +1,4 @@
-"""Readers for the public FER formats + the exporter: round trips and the bad-input rules (DESIGN.md §4)."""
+"""Readers for the public FER formats + the exporter: round trips and the bad-input rules."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.batch import RecordDataset, load_record_image
+from datamodules.batch import RecordDataset, collate_fer, load_record_image
 from datamodules.formats import (READERS, attach_captions, attach_openface, read_split, verify_images)
 from datamodules.formats.export import ALL_FORMATS, ExportSample, export_fer_dataset
 from datamodules.labels import CONTEMPT, FERPLUS_TO_CANONICAL, FERPLUS_VOTE_COLUMNS, AUVocabulary
@@ -281,13 +281,14 @@ def test_affectnet_dropped_ids_and_unknown_ids(exported, tmp_path):
     lines = path.read_text().splitlines()
     n = len(read_split("affectnet", root, "train").records)
     row = lines[1].split(",")
-    extra = [",".join(row[:6] + [str(i)] + row[7:]) for i in (9, 9, 10, 8)]
+    # other files (the same file twice would be a duplicate): dropped ids are counted before the file check
+    extra = [",".join([f"9/extra_{k}.jpg"] + row[1:6] + [str(i)] + row[7:]) for k, i in enumerate((9, 9, 10, 8))]
     path.write_text("\n".join(lines + extra) + "\n")
     result = read_split("affectnet", root, "train")
     assert len(result.records) == n
     assert result.skipped == {"affectnet_id_9_uncertain": 2, "affectnet_id_10_no_face": 1, "affectnet_id_8_none": 1}
     bad_line = len(lines) + len(extra) + 1
-    path.write_text("\n".join(lines + extra + [",".join(row[:6] + ["12"] + row[7:])]) + "\n")
+    path.write_text("\n".join(lines + extra + [",".join(["9/extra_12.jpg"] + row[1:6] + ["12"] + row[7:])]) + "\n")
     with pytest.raises(ValueError, match=rf"training\.csv:{bad_line}: unknown AffectNet expression id 12"):
         read_split("affectnet", root, "train")
     path.write_text("\n".join(lines[:3] + [",".join(row[:6] + ["happy"] + row[7:])]) + "\n")
@@ -396,9 +397,13 @@ def test_corrupt_images_found_by_verify_and_skipped_by_dataset(exported, tmp_pat
     ds = RecordDataset(records, to_tensor, num_aus=len(VOCAB), num_classes=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        served = [ds[i]["sample_id"] for i in range(len(ds))]
+        batch = collate_fer([ds[i] for i in range(len(ds))])  # the bad two are dropped, nothing takes their place
+        ds.warn_new_failures()
+        ds.warn_new_failures()  # nothing new: no second warning
     assert len(user_warnings(caught)) == 1 and ds.corrupt == {1, 4}
-    assert records[1].sample_id not in served and records[4].sample_id not in served
+    assert ds.unreadable() == {"corrupt_image": 2}
+    assert batch["sample_id"] == [r.sample_id for i, r in enumerate(records) if i not in (1, 4)]
+    assert batch["image"].shape[0] == len(records) - 2
 
 
 def test_exporter_rejects_bad_input(tmp_path):

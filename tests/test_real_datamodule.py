@@ -99,7 +99,10 @@ def test_corrupt_image_is_skipped_with_one_warning(toy_export, tmp_path):
         batches = list(dm.test_dataloader())
     assert len([w for w in record if "unreadable image" in str(w.message)]) == 1
     assert len(dm.datasets["test"].corrupt) == 2
-    assert sum(len(b["sample_id"]) for b in batches) == len(dm.records["test"])
+    served = [s for b in batches for s in b["sample_id"]]
+    assert len(served) == len(set(served)) == len(dm.records["test"]) - 2  # left out, not replaced
+    summary = dm.summary()
+    assert summary["skipped"]["test/corrupt_image"] == 2 and summary["test_size"] == len(dm.records["test"]) - 2
 
 
 def test_cli_trains_a_teacher_on_an_exported_public_format(toy_export, tmp_path):

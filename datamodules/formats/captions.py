@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Sequence
 
 from datamodules.batch import FERRecord
-from datamodules.formats.common import SidecarIndex, require_file, row_error, warn_unmatched
+from datamodules.formats.common import SidecarIndex, require_file, row_error, shorten, warn_unmatched
 
 
 def load_captions(jsonl_path: str | Path) -> dict[str, str]:
     """file -> caption. Malformed json, a non-object line or missing/non-string keys are errors with file:line.
-    A file listed twice keeps its first caption (one warning counts the duplicates)."""
+    A file listed twice keeps its first caption (one warning counts the duplicates and names the first)."""
     path = require_file(jsonl_path, "captions", "caption jsonl")
     out: dict[str, str] = {}
-    duplicates = 0
-    with open(path, encoding="utf-8-sig") as f:
+    lines: dict[str, int] = {}
+    duplicates, first = 0, ""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
@@ -35,11 +36,13 @@ def load_captions(jsonl_path: str | Path) -> dict[str, str]:
                 raise row_error(path, line, "empty 'file'")
             if obj["file"] in out:
                 duplicates += 1
+                first = first or f"{shorten(obj['file'])!r} at lines {lines[obj['file']]} and {line}"
                 continue
             out[obj["file"]] = obj["caption"]
+            lines[obj["file"]] = line
     if duplicates:
-        warnings.warn(f"captions: {duplicates} duplicate file entr(y/ies) in {path}; the first caption was kept",
-                      stacklevel=3)
+        warnings.warn(f"captions: {duplicates} duplicate file entr(y/ies) in {path} (first: {first}); the first "
+                      f"caption of each file was kept", stacklevel=3)
     return out
 
 

@@ -1,11 +1,13 @@
 """Helpers shared by the format readers: the result type, counted skips, file:line errors, existence checks.
 
-Bad-input rules (DESIGN.md §4, the project's standard):
+Bad-input rules (the project's standard):
 
-* a missing image file is a counted skip (``skipped["missing_image"]``) with ONE warning per read carrying the
-  count, never one warning per file;
-* an unknown label id or a malformed row is a ``ValueError`` that names the file and the line;
-* a missing root or annotation file is a ``FileNotFoundError`` that names the path and the format;
+* a missing image file (``missing_image``), a file or id listed twice in one split (``duplicate``: the first
+  listing is kept) and an unusable face box (``bad_face_box``) are counted skips with ONE warning per read that
+  gives each count and the first example, never one warning per file;
+* an unknown label id or a malformed row is a ``DataError`` whose message is one line naming the file and line;
+  long values (a FER2013 pixel string) are shortened with '…' so the message stays short;
+* a missing root or annotation file is a ``DataFileNotFound`` that names the path and the format;
 * corrupt image bytes are found at decode time by ``RecordDataset``, or up front by the opt-in ``verify_images``.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import csv
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +23,20 @@ from typing import Iterable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from datamodules.batch import FERRecord
+from datamodules.batch import BadFaceBox, FERRecord, crop_box
+from datamodules.errors import DataError, DataFileNotFound
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
+DUPLICATE = "duplicate"
+BAD_FACE_BOX = "bad_face_box"
+# Skip reasons that get a warning (the rest are documented label drops, e.g. AffectNet ids 8/9/10).
+WARNED_REASONS = {MISSING_IMAGE: "whose image file is missing", DUPLICATE: "listed twice (first listing kept)",
+                  BAD_FACE_BOX: "whose face box is empty or outside the image"}
+MAX_VALUE_CHARS = 60
+MAX_MESSAGE_CHARS = 280
 
 
 @dataclass
@@ -34,9 +45,51 @@ class ReadResult:
 
     records: list[FERRecord] = field(default_factory=list)
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    first: dict[str, str] = field(default_factory=dict)  # reason -> first example, for the one warning
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def skip(self, reason: str, example: str | None = None) -> None:
+        self.skipped[reason] += 1
+        if example is not None:
+            self.first.setdefault(reason, example)
+
+
+class Duplicates:
+    """Keeps the first listing of each key in one split; later ones are counted ``duplicate`` skips."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.lines: dict[str, int | None] = {}
+
+    def seen(self, key: str, line: int | None, result: ReadResult) -> bool:
+        if key not in self.lines:
+            self.lines[key] = line
+            return False
+        at = f" (lines {self.lines[key]} and {line} of {self.path})" if line is not None else ""
+        result.skip(DUPLICATE, f"{shorten(key)!r}{at}")
+        return True
+
+
+def shorten(value, limit: int = MAX_VALUE_CHARS) -> str:
+    """``str(value)`` cut to ``limit`` characters with '…' (a 9,000-character pixel string must not fill a
+    terminal)."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_QUOTED = re.compile(r"'[^'\n]{%d,}'|\"[^\"\n]{%d,}\"" % (MAX_VALUE_CHARS, MAX_VALUE_CHARS))
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A message fit for one terminal line: no newlines, quoted values over ``MAX_VALUE_CHARS`` shortened, and
+    at most ``limit`` characters (the middle is cut, so the leading ``file:line`` survives)."""
+    text = " ".join(str(message).split())
+    text = _QUOTED.sub(lambda m: m.group(0)[0] + shorten(m.group(0)[1:-1]) + m.group(0)[-1], text)
+    if len(text) > limit:
+        text = text[: limit - 41] + " … " + text[-38:]
+    return text
 
 
 def where(path: str | Path, line: int | None = None) -> str:
@@ -44,26 +97,35 @@ def where(path: str | Path, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def row_error(path: str | Path, line: int | None, message: str) -> ValueError:
-    return ValueError(f"{where(path, line)}: {message}")
+def row_error(path: str | Path, line: int | None, message: str) -> DataError:
+    """``DataError("file:line: message")`` on one short line."""
+    return DataError(one_line(f"{where(path, line)}: {message}"))
+
+
+def data_error(message: str) -> DataError:
+    return DataError(one_line(message))
+
+
+def not_found(message: str) -> DataFileNotFound:
+    return DataFileNotFound(one_line(message))
 
 
 def check_split(split: str, fmt: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"{fmt}: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise data_error(f"{fmt}: unknown split {shorten(split)!r}; expected one of {', '.join(SPLITS)}")
 
 
 def require_dir(path: str | Path, fmt: str, what: str = "dataset root") -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{fmt}: {what} not found: {path}")
+        raise not_found(f"{fmt}: {what} not found: {path}")
     return path
 
 
 def require_file(path: str | Path, fmt: str, what: str = "annotation file") -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{fmt}: {what} not found: {path}")
+        raise not_found(f"{fmt}: {what} not found: {path}")
     return path
 
 
@@ -77,9 +139,9 @@ def parse_int(value: str, path: str | Path, line: int | None, column: str) -> in
     try:
         as_float = float(text)
     except ValueError:
-        raise row_error(path, line, f"column {column!r} is not an integer: {value!r}") from None
+        raise row_error(path, line, f"column {column!r} is not an integer: {shorten(value)!r}") from None
     if not as_float.is_integer():
-        raise row_error(path, line, f"column {column!r} is not an integer: {value!r}")
+        raise row_error(path, line, f"column {column!r} is not an integer: {shorten(value)!r}")
     return int(as_float)
 
 
@@ -87,17 +149,17 @@ def parse_float(value: str, path: str | Path, line: int | None, column: str) -> 
     try:
         out = float(str(value).strip())
     except ValueError:
-        raise row_error(path, line, f"column {column!r} is not a number: {value!r}") from None
+        raise row_error(path, line, f"column {column!r} is not a number: {shorten(value)!r}") from None
     if out != out or out in (float("inf"), float("-inf")):
-        raise row_error(path, line, f"column {column!r} is not a finite number: {value!r}")
+        raise row_error(path, line, f"column {column!r} is not a finite number: {shorten(value)!r}")
     return out
 
 
 def read_csv_rows(path: Path, fmt: str, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(line_number, row)`` for each data row; header names are stripped of surrounding spaces.
 
-    A header lacking a required column, or a row with a different number of fields than the header, is a
-    ``ValueError`` naming the file (and line).
+    A header lacking a required column (e.g. a file that starts directly with data rows), or a row with a
+    different number of fields than the header, is a ``DataError`` naming the file (and line).
     """
     require_file(path, fmt)
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -106,16 +168,23 @@ def read_csv_rows(path: Path, fmt: str, required: Sequence[str]) -> Iterator[tup
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise row_error(path, 1, "empty file (no header)") from None
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise row_error(path, 1, f"not a readable csv ({err})") from None
         missing = [c for c in required if c not in header]
         if missing:
-            raise row_error(path, 1, f"header lacks column(s) {missing}; found {header}")
-        for fields in reader:
-            line = reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue  # blank line
-            if len(fields) != len(header):
-                raise row_error(path, line, f"expected {len(header)} fields, found {len(fields)}")
-            yield line, dict(zip(header, fields))
+            found = ", ".join(repr(shorten(h, 24)) for h in header[:12]) + (", …" if len(header) > 12 else "")
+            hint = " (no header line? the file must start with one)" if len(missing) == len(required) else ""
+            raise row_error(path, 1, f"header lacks column(s) {', '.join(missing)}{hint}; found [{found}]")
+        try:
+            for fields in reader:
+                line = reader.line_num
+                if not fields or (len(fields) == 1 and not fields[0].strip()):
+                    continue  # blank line
+                if len(fields) != len(header):
+                    raise row_error(path, line, f"expected {len(header)} fields, found {len(fields)}")
+                yield line, dict(zip(header, fields))
+        except (csv.Error, UnicodeDecodeError) as err:
+            raise row_error(path, reader.line_num, f"not a readable csv row ({err})") from None
 
 
 class FileIndex:
@@ -134,12 +203,16 @@ class FileIndex:
         return name in self._dirs[parent]
 
 
-def warn_skips(result: ReadResult, fmt: str, split: str, first_missing: str | None = None) -> ReadResult:
-    """The one warning per read for missing images (the count; the first missing path as an example)."""
-    n = result.skipped.get(MISSING_IMAGE, 0)
-    if n:
-        example = f" (first: {first_missing})" if first_missing else ""
-        warnings.warn(f"{fmt} {split}: skipped {n} record(s) whose image file is missing{example}", stacklevel=3)
+def warn_skips(result: ReadResult, fmt: str, split: str) -> ReadResult:
+    """The one warning per read: each warned skip reason with its count and first example."""
+    parts = []
+    for reason, what in WARNED_REASONS.items():
+        n = result.skipped.get(reason, 0)
+        if n:
+            example = f" (first: {result.first[reason]})" if reason in result.first else ""
+            parts.append(f"skipped {n} record(s) {what}{example}")
+    if parts:
+        warnings.warn(f"{fmt} {split}: " + "; ".join(parts), stacklevel=3)
     return result
 
 
@@ -147,8 +220,9 @@ def verify_images(records: Iterable[FERRecord], decode: bool = True) -> ReadResu
     """Opt-in up-front check: open every image file with PIL and ``verify()`` it; drop and count bad ones.
 
     ``verify()`` alone does not notice a truncated JPEG, so by default the file is also fully decoded
-    (``decode=False`` for the quick structural check only). In-memory images (FER2013) always pass.
-    One warning with the count is issued if anything was dropped.
+    (``decode=False`` for the quick structural check only). A face box (AffectNet) that lies wholly outside the
+    image is dropped as ``bad_face_box``. In-memory images (FER2013) always pass. One warning with the counts is
+    issued if anything was dropped.
     """
     from tqdm.auto import tqdm
 
@@ -159,17 +233,24 @@ def verify_images(records: Iterable[FERRecord], decode: bool = True) -> ReadResu
         if isinstance(rec.image, str):
             try:
                 with Image.open(rec.image) as img:
+                    size = img.size
                     img.verify()
+                if rec.crop is not None:
+                    crop_box(rec.crop, size)
                 if decode:
                     with Image.open(rec.image) as img:
                         img.load()
             except FileNotFoundError:
-                result.skipped[MISSING_IMAGE] += 1
+                result.skip(MISSING_IMAGE)
                 first_bad = first_bad or rec.image
                 continue
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-                result.skipped[CORRUPT_IMAGE] += 1
+            except BadFaceBox as err:
+                result.skip(BAD_FACE_BOX)
                 first_bad = first_bad or f"{rec.image} ({err})"
+                continue
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                result.skip(CORRUPT_IMAGE)
+                first_bad = first_bad or f"{rec.image} ({shorten(err, 120)})"
                 continue
         result.records.append(rec)
     if result.skipped:
@@ -247,5 +328,6 @@ class SidecarIndex:
 
 
 def warn_unmatched(what: str, matched: int, total: int, source) -> None:
+    """One warning counting the records a sidecar has no entry for."""
     if total and matched < total:
         warnings.warn(f"{what}: {total - matched} of {total} record(s) have no entry in {source}", stacklevel=3)

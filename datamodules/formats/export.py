@@ -1,4 +1,4 @@
-"""Write any labelled image set in every public FER layout the readers read (DESIGN.md §4 "Formats").
+"""Write any labelled image set in every public FER layout the readers read.
 
 ``export_fer_dataset({"train": [...], "val": [...], "test": [...]}, out_dir)`` writes ``out_dir/<format>/``:
 

@@ -3,7 +3,8 @@
 ``pixels`` is 2304 space-separated ints (48x48 gray) decoded into an in-memory uint8 (48,48) array;
 ``Usage`` Training/PublicTest/PrivateTest -> train/val/test; emotion 0..6 (Angry, Disgust, Fear, Happy, Sad,
 Surprise, Neutral) mapped to canonical ids. Row ``i`` (0-based data row) is named ``fer{i:07d}.png``, the
-name FERPlus gives the same image, so sidecars keyed on FERPlus names join to FER2013 records.
+name FERPlus gives the same image, so sidecars keyed on FERPlus names join to FER2013 records (ids are row
+numbers, so no sample can be listed twice). A file without its header line is an error naming the file.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.batch import FERRecord
-from datamodules.formats.common import ReadResult, check_split, parse_int, read_csv_rows, require_dir, row_error
+from datamodules.formats.common import ReadResult, check_split, parse_int, read_csv_rows, require_dir, row_error, shorten
 from datamodules.labels import FER2013_TO_CANONICAL
 
 CSV_NAME = "fer2013.csv"
@@ -35,7 +36,7 @@ def parse_pixels(text: str, path, line) -> np.ndarray:
         values = np.asarray(tokens, dtype=np.int64)
     except ValueError:
         bad = next(t for t in tokens if not t.isdigit())
-        raise row_error(path, line, f"pixels contains a non-integer value {bad!r}") from None
+        raise row_error(path, line, f"pixels contains a non-integer value {shorten(bad)!r}") from None
     if values.min() < 0 or values.max() > 255:
         raise row_error(path, line, f"pixels outside 0..255 (min {values.min()}, max {values.max()})")
     return values.astype(np.uint8).reshape(SIDE, SIDE)
@@ -44,7 +45,7 @@ def parse_pixels(text: str, path, line) -> np.ndarray:
 def usage_split(usage: str, path, line) -> str:
     usage = usage.strip()
     if usage not in USAGE_TO_SPLIT:
-        raise row_error(path, line, f"unknown Usage {usage!r} (expected {', '.join(USAGE_TO_SPLIT)})")
+        raise row_error(path, line, f"unknown Usage {shorten(usage)!r} (expected {', '.join(USAGE_TO_SPLIT)})")
     return USAGE_TO_SPLIT[usage]
 
 

@@ -3,7 +3,7 @@
 Images come from ``root/FER2013Train|FER2013Valid|FER2013Test/<Image name>`` when that folder exists,
 otherwise from the pixels of ``root/fer2013.csv`` at the same data row (FERPlus rows align with FER2013 rows;
 the two files' Usage must agree, or it is an error). Rows with an empty Image name (not a face) are skipped
-and counted.
+and counted; an Image name listed twice in one split is a counted ``duplicate`` skip (the first row is kept).
 
 ``label_mode="majority"``: label = argmax over all 10 columns (ties -> the earlier column, so an expression
 beats unknown/NF on a tie); a majority of unknown/NF, or no expression vote at all, drops the row (counted).
@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.batch import FERRecord
-from datamodules.formats.common import (MISSING_IMAGE, FileIndex, ReadResult, check_split, parse_float,
-                                        read_csv_rows, require_dir, row_error, warn_skips)
+from datamodules.formats.common import (MISSING_IMAGE, Duplicates, FileIndex, ReadResult, check_split, data_error,
+                                        not_found, parse_float, read_csv_rows, require_dir, row_error, shorten,
+                                        warn_skips)
 from datamodules.formats.fer2013 import CSV_NAME as FER2013_CSV
 from datamodules.formats.fer2013 import read_fer2013_pixels, usage_split
 from datamodules.labels import EXPRESSIONS, FERPLUS_TO_CANONICAL, FERPLUS_VOTE_COLUMNS
@@ -42,15 +43,16 @@ def votes_to_canonical(votes: np.ndarray) -> np.ndarray:
 def read_ferplus(root: str | Path, split: str, label_mode: str = "majority", check_files: bool = True) -> ReadResult:
     check_split(split, "ferplus")
     if label_mode not in LABEL_MODES:
-        raise ValueError(f"ferplus: label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+        raise data_error(f"ferplus: label_mode (data.format_options.label_mode) must be one of "
+                         f"{', '.join(LABEL_MODES)}, got {shorten(label_mode)!r}")
     root = require_dir(root, "ferplus")
     path = root / CSV_NAME
     image_dir = root / IMAGE_DIRS[split]
     use_folder = image_dir.is_dir()
     if not use_folder and not (root / FER2013_CSV).is_file():
-        raise FileNotFoundError(f"ferplus: neither the image folder {image_dir} nor the pixel file "
+        raise not_found(f"ferplus: neither the image folder {image_dir} nor the pixel file "
                                 f"{root / FER2013_CSV} exists")
-    result, files, first_missing = ReadResult(), FileIndex(), None
+    result, files, duplicates = ReadResult(), FileIndex(), Duplicates(path)
     pending: list[tuple[int, int, FERRecord]] = []  # (row index, line, record) awaiting csv pixels
     for index, (line, row) in enumerate(read_csv_rows(path, "ferplus", COLUMNS)):
         if usage_split(row["Usage"], path, line) != split:
@@ -58,6 +60,8 @@ def read_ferplus(root: str | Path, split: str, label_mode: str = "majority", che
         name = row["Image name"].strip()
         if not name:
             result.skipped["ferplus_no_name"] += 1
+            continue
+        if duplicates.seen(name, line, result):
             continue
         votes = np.asarray([parse_float(row[c], path, line, c) for c in FERPLUS_VOTE_COLUMNS], dtype=np.float32)
         if (votes < 0).any():
@@ -81,8 +85,7 @@ def read_ferplus(root: str | Path, split: str, label_mode: str = "majority", che
         if use_folder:
             image = os.fspath(image_dir / name)
             if check_files and not files.exists(image):
-                result.skipped[MISSING_IMAGE] += 1
-                first_missing = first_missing or image
+                result.skip(MISSING_IMAGE, image)
                 continue
             rec.image = image
         pending.append((index, line, rec))
@@ -98,4 +101,4 @@ def read_ferplus(root: str | Path, split: str, label_mode: str = "majority", che
                                             f"({fer_split}): the two files are not aligned")
             rec.image = image
     result.records = [rec for _, _, rec in pending]
-    return warn_skips(result, "ferplus", split, first_missing)
+    return warn_skips(result, "ferplus", split)

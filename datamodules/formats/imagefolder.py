@@ -2,7 +2,8 @@
 
 Class folder names go through ``labels.class_name_to_id`` (e.g. ``happy``, ``Happiness``, ``1``); an unknown
 class folder is an error. Split folder aliases: train|training, val|validation|valid, test|testing (more than
-one present is an error). Hidden files are ignored; other non-image files are counted as skipped.
+one present is an error). Hidden files are ignored; other non-image files are counted as skipped. Every file is
+its own sample (a path cannot be listed twice).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 
 from datamodules.batch import FERRecord
-from datamodules.formats.common import IMAGE_EXTENSIONS, ReadResult, check_split, require_dir
+from datamodules.formats.common import IMAGE_EXTENSIONS, ReadResult, check_split, data_error, not_found, require_dir
 from datamodules.labels import class_name_to_id
 
 SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
@@ -19,10 +20,10 @@ SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation", "vali
 def split_dir(root: Path, split: str) -> Path:
     present = [root / d for d in SPLIT_DIRS[split] if (root / d).is_dir()]
     if not present:
-        raise FileNotFoundError(f"imagefolder: no {split} folder under {root} "
+        raise not_found(f"imagefolder: no {split} folder under {root} "
                                 f"(looked for {', '.join(SPLIT_DIRS[split])})")
     if len(present) > 1:
-        raise ValueError(f"imagefolder: ambiguous {split} split, several folders exist: "
+        raise data_error(f"imagefolder: ambiguous {split} split, several folders exist: "
                          f"{', '.join(map(str, present))}")
     return present[0]
 
@@ -36,7 +37,7 @@ def read_imagefolder(root: str | Path, split: str) -> ReadResult:
         try:
             label = class_name_to_id(class_dir.name)
         except KeyError:
-            raise ValueError(f"imagefolder: unknown expression class folder {class_dir} "
+            raise data_error(f"imagefolder: unknown expression class folder {class_dir} "
                              f"(name {class_dir.name!r} is not a known class name)") from None
         for file in sorted(os.listdir(class_dir)):
             if file.startswith("."):

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from datamodules.batch import FERRecord
-from datamodules.formats.common import SidecarIndex, parse_float, row_error, warn_unmatched
+from datamodules.formats.common import SidecarIndex, not_found, parse_float, row_error, warn_unmatched
 from datamodules.labels import AUVocabulary
 
 FILE_COLUMNS = ("file", "filename", "input", "image")
@@ -37,42 +37,50 @@ class _Row:
 
 def _read_openface_csv(path: Path, vocab: AUVocabulary, need_file_column: bool, clip_count: list[int]):
     """-> list of (file name or None, _Row) for the successful rows of one csv."""
-    out = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, skipinitialspace=True)
         try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise row_error(path, 1, "empty OpenFace csv (no header)") from None
-        col = {name: i for i, name in enumerate(header)}
-        file_col = next((c for c in FILE_COLUMNS if c in col), None)
-        if need_file_column and file_col is None:
-            raise row_error(path, 1, f"no file-name column (one of {', '.join(FILE_COLUMNS)}) in the header; "
-                                     f"a per-frame OpenFace csv needs one to join rows to images")
-        au_cols = [(i, col.get(name)) for i, name in enumerate(vocab.openface_columns())]
-        if all(c is None for _, c in au_cols):
-            raise row_error(path, 1, f"none of the vocabulary's AU columns {vocab.openface_columns()} is in "
-                                     f"the header")
-        for fields in reader:
-            line = reader.line_num
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue
-            if len(fields) != len(header):
-                raise row_error(path, line, f"expected {len(header)} fields, found {len(fields)}")
-            if "success" in col and parse_float(fields[col["success"]], path, line, "success") != 1:
-                continue
-            confidence = (parse_float(fields[col["confidence"]], path, line, "confidence")
-                          if "confidence" in col else 1.0)
-            values = np.full(len(vocab), np.nan, dtype=np.float32)
-            for i, c in au_cols:
-                if c is not None:
-                    text = fields[c].strip()
-                    values[i] = np.nan if text.lower() in ("", "nan") else parse_float(text, path, line, header[c])
-            known = ~np.isnan(values)
-            clipped = np.clip(values[known], 0.0, vocab.max_intensity)
-            clip_count[0] += int((clipped != values[known]).sum())
-            values[known] = clipped
-            out.append((fields[col[file_col]].strip() if file_col else None, _Row(values, confidence)))
+            return _read_rows(path, reader, vocab, need_file_column, clip_count)
+        except (csv.Error, UnicodeDecodeError) as err:  # binary junk or a broken quote: one line, not a traceback
+            raise row_error(path, reader.line_num or 1, f"not a readable csv ({err})") from None
+
+
+def _read_rows(path: Path, reader, vocab: AUVocabulary, need_file_column: bool, clip_count: list[int]):
+    out = []
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise row_error(path, 1, "empty OpenFace csv (no header)") from None
+    col = {name: i for i, name in enumerate(header)}
+    file_col = next((c for c in FILE_COLUMNS if c in col), None)
+    if need_file_column and file_col is None:
+        raise row_error(path, 1, f"no file-name column (one of {', '.join(FILE_COLUMNS)}) in the header; "
+                                 f"a per-frame OpenFace csv needs one to join rows to images")
+    names = vocab.openface_columns()
+    au_cols = [(i, col.get(name)) for i, name in enumerate(names)]
+    if all(c is None for _, c in au_cols):
+        listed = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, …, {names[-1]}"
+        raise row_error(path, 1, f"none of the vocabulary's {len(names)} AU columns ({listed}) is in the header")
+    for fields in reader:
+        line = reader.line_num
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue
+        if len(fields) != len(header):
+            raise row_error(path, line, f"expected {len(header)} fields, found {len(fields)}")
+        if "success" in col and parse_float(fields[col["success"]], path, line, "success") != 1:
+            continue
+        confidence = (parse_float(fields[col["confidence"]], path, line, "confidence")
+                      if "confidence" in col else 1.0)
+        values = np.full(len(vocab), np.nan, dtype=np.float32)
+        for i, c in au_cols:
+            if c is not None:
+                text = fields[c].strip()
+                values[i] = np.nan if text.lower() in ("", "nan") else parse_float(text, path, line, header[c])
+        known = ~np.isnan(values)
+        clipped = np.clip(values[known], 0.0, vocab.max_intensity)
+        clip_count[0] += int((clipped != values[known]).sum())
+        values[known] = clipped
+        out.append((fields[col[file_col]].strip() if file_col else None, _Row(values, confidence)))
     return out
 
 
@@ -89,17 +97,17 @@ def load_openface(source: str | Path, vocab: AUVocabulary) -> tuple[dict[str, _R
     if source.is_dir():
         files = sorted(source.glob("*.csv"))
         if not files:
-            raise FileNotFoundError(f"openface: no per-image .csv files in {source}")
+            raise not_found(f"openface: no per-image .csv files in {source}")
         for path in files:
             for name, row in _read_openface_csv(path, vocab, need_file_column=False, clip_count=clip_count):
                 keep(path.stem, row)
     elif source.is_file():
         for name, row in _read_openface_csv(source, vocab, need_file_column=True, clip_count=clip_count):
             if not name:
-                raise ValueError(f"{source}: a successful row has an empty file name")
+                raise row_error(source, None, "a successful row has an empty file name")
             keep(name, row)
     else:
-        raise FileNotFoundError(f"openface: AU sidecar not found: {source}")
+        raise not_found(f"openface: AU sidecar not found: {source}")
     return best, clip_count[0]
 
 
