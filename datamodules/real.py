@@ -25,6 +25,7 @@ from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_lis
 from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
+READER_WARNED = {"missing_image", "duplicate", "bad_face_box", "corrupt_image"}
 # Formats without a usable validation split: RAF-DB has none; AffectNet's validation set is its test set.
 CARVE_VAL_FORMATS = {"rafdb", "affectnet", "affectnet_npy"}
 
@@ -166,8 +167,10 @@ class RealFERDataModule(L.LightningDataModule):
             if not recs:
                 raise DataError(f"the {split} split of data.format={self.format} at {self.root} has no usable "
                                  f"samples (skipped: {dict(self.skipped)})")
-        if self.skipped:
-            warnings.warn(f"{self.format}: skipped samples: {dict(self.skipped)}")
+        # Readers and verify_images already warned about their own skips; this covers the label drops.
+        unwarned = {k: v for k, v in self.skipped.items() if k.split("/", 1)[1] not in READER_WARNED}
+        if unwarned:
+            warnings.warn(f"{self.format}: skipped samples: {unwarned}")
         tf_train = train_transform(self.image_size, self.augment)
         tf_eval = eval_transform(self.image_size)
         common = dict(num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels)

@@ -32,7 +32,7 @@ MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 DUPLICATE = "duplicate"
 BAD_FACE_BOX = "bad_face_box"
-# Skip reasons that get a warning (the rest are documented label drops, e.g. AffectNet ids 8/9/10).
+# Skip reasons that the readers warn about (the rest are documented label drops, e.g. AffectNet ids 8/9/10).
 WARNED_REASONS = {MISSING_IMAGE: "whose image file is missing", DUPLICATE: "listed twice (first listing kept)",
                   BAD_FACE_BOX: "whose face box is empty or outside the image"}
 MAX_VALUE_CHARS = 60
@@ -172,9 +172,11 @@ def read_csv_rows(path: Path, fmt: str, required: Sequence[str]) -> Iterator[tup
             raise row_error(path, 1, f"not a readable csv ({err})") from None
         missing = [c for c in required if c not in header]
         if missing:
-            found = ", ".join(repr(shorten(h, 24)) for h in header[:12]) + (", …" if len(header) > 12 else "")
-            hint = " (no header line? the file must start with one)" if len(missing) == len(required) else ""
-            raise row_error(path, 1, f"header lacks column(s) {', '.join(missing)}{hint}; found [{found}]")
+            found = ", ".join(repr(shorten(h, 24)) for h in header[:10]) + (", …" if len(header) > 10 else "")
+            if len(missing) == len(required):  # most likely data rows with no header line above them
+                wanted = ", ".join(required) if len(required) <= 3 else f"{required[0]}, {required[1]}, …"
+                raise row_error(path, 1, f"no header line (expected columns {wanted}); found [{found}]")
+            raise row_error(path, 1, f"header lacks column(s) {', '.join(missing)}; found [{found}]")
         try:
             for fields in reader:
                 line = reader.line_num

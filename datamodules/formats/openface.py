@@ -80,7 +80,10 @@ def _read_rows(path: Path, reader, vocab: AUVocabulary, need_file_column: bool, 
         clipped = np.clip(values[known], 0.0, vocab.max_intensity)
         clip_count[0] += int((clipped != values[known]).sum())
         values[known] = clipped
-        out.append((fields[col[file_col]].strip() if file_col else None, _Row(values, confidence)))
+        name = fields[col[file_col]].strip() if file_col else None
+        if need_file_column and not name:
+            raise row_error(path, line, f"a successful row has an empty {file_col!r}")
+        out.append((name, _Row(values, confidence)))
     return out
 
 
@@ -103,8 +106,6 @@ def load_openface(source: str | Path, vocab: AUVocabulary) -> tuple[dict[str, _R
                 keep(path.stem, row)
     elif source.is_file():
         for name, row in _read_openface_csv(source, vocab, need_file_column=True, clip_count=clip_count):
-            if not name:
-                raise row_error(source, None, "a successful row has an empty file name")
             keep(name, row)
     else:
         raise not_found(f"openface: AU sidecar not found: {source}")

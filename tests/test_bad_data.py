@@ -1,0 +1,416 @@
+"""Every reader x every bad input it can meet: a one-line DataError naming the file (and line), or a counted skip
+with one warning. The datasets are real format folders written by the toy exporter, then damaged."""
+from __future__ import annotations
+
+import csv
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.batch import RecordDataset, collate_fer, load_record_image
+from datamodules.errors import DataError, DataFileNotFound
+from datamodules.formats import load_captions, load_openface, read_split
+from datamodules.labels import AUVocabulary
+from datamodules.real import RealFERDataModule
+
+SIZES = {"train": 12, "val": 4, "test": 8}
+VOCAB = AUVocabulary()
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    from datamodules.toyfaces import ToyFacesConfig
+    from datamodules.toyfaces_export import export_toyfaces
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return export_toyfaces(ToyFacesConfig(image_size=32, seed=5), SIZES, tmp_path_factory.mktemp("export"))
+
+
+def copy(export, fmt: str, tmp_path: Path) -> Path:
+    src = Path(export[fmt])
+    if src.is_file():  # a sidecar
+        return Path(shutil.copy(src, tmp_path / src.name))
+    return Path(shutil.copytree(src, tmp_path / fmt))
+
+
+# ------------------------------------------------------------------ damage helpers
+def rows_of(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def write_rows(path: Path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def set_cell(path: Path, line: int, column: str, value: str) -> None:
+    rows = rows_of(path)
+    rows[line - 1][[h.strip() for h in rows[0]].index(column)] = value
+    write_rows(path, rows)
+
+
+def drop_column(path: Path, column: str) -> None:
+    rows = rows_of(path)
+    k = [h.strip() for h in rows[0]].index(column)
+    write_rows(path, [r[:k] + r[k + 1:] for r in rows])
+
+
+def edit_lines(path: Path, fn) -> None:
+    path.write_text("\n".join(fn(path.read_text().splitlines())) + "\n")
+
+
+def set_line(line: int, text: str):
+    return lambda lines: lines[: line - 1] + [text] + lines[line:]
+
+
+def cut_field(path: Path, line: int) -> None:
+    edit_lines(path, lambda ls: ls[: line - 1] + [ls[line - 1].rsplit(",", 1)[0]] + ls[line:])
+
+
+def npy_annotations(root: Path) -> list[Path]:
+    return sorted((root / "train_set" / "annotations").glob("*_exp.npy"))
+
+
+AFF, RAF = "training.csv", "EmoLabel/list_patition_label.txt"
+FER, FERPLUS, OF = "fer2013.csv", "fer2013new.csv", "openface_aus.csv"
+
+# (case id, format, split, damage(root), file name the message must name, line or None, reader options)
+READER_CASES = [
+    ("affectnet-no-csv", "affectnet", "train", lambda r: (r / AFF).unlink(), AFF, None, {}),
+    ("affectnet-empty", "affectnet", "train", lambda r: (r / AFF).write_text(""), AFF, 1, {}),
+    ("affectnet-no-header", "affectnet", "train", lambda r: edit_lines(r / AFF, lambda ls: ls[1:]), AFF, 1, {}),
+    ("affectnet-missing-column", "affectnet", "train", lambda r: drop_column(r / AFF, "expression"), AFF, 1, {}),
+    ("affectnet-unknown-id", "affectnet", "train", lambda r: set_cell(r / AFF, 3, "expression", "12"), AFF, 3, {}),
+    ("affectnet-text-id", "affectnet", "train", lambda r: set_cell(r / AFF, 3, "expression", "happy"), AFF, 3, {}),
+    ("affectnet-text-box", "affectnet", "train", lambda r: set_cell(r / AFF, 3, "face_x", "left"), AFF, 3, {}),
+    ("affectnet-nan-valence", "affectnet", "train", lambda r: set_cell(r / AFF, 3, "valence", "nan"), AFF, 3, {}),
+    ("affectnet-empty-path", "affectnet", "train", lambda r: set_cell(r / AFF, 3, "subDirectory_filePath", " "),
+     AFF, 3, {}),
+    ("affectnet-short-row", "affectnet", "train", lambda r: cut_field(r / AFF, 3), AFF, 3, {}),
+    ("affectnet-bad-landmarks", "affectnet", "train",
+     lambda r: set_cell(r / AFF, 3, "facial_landmarks", "1;2;x" * 40), AFF, 3, {"landmarks": True}),
+    ("affectnet-binary-csv", "affectnet", "train", lambda r: (r / AFF).write_bytes(b"\xff\xfe\x00\x81" * 50), AFF,
+     1, {}),
+    ("npy-no-set", "affectnet_npy", "train", lambda r: shutil.rmtree(r / "train_set"), "train_set", None, {}),
+    ("npy-no-annotations", "affectnet_npy", "train", lambda r: [p.unlink() for p in npy_annotations(r)],
+     "annotations", None, {}),
+    ("npy-garbage", "affectnet_npy", "train", lambda r: npy_annotations(r)[1].write_bytes(b"junk"),
+     "toy_train_000001_exp.npy", None, {}),
+    ("npy-unknown-id", "affectnet_npy", "train", lambda r: np.save(npy_annotations(r)[1], np.array("11")),
+     "toy_train_000001_exp.npy", None, {}),
+    ("npy-not-scalar", "affectnet_npy", "train", lambda r: np.save(npy_annotations(r)[1], np.arange(3)),
+     "toy_train_000001_exp.npy", None, {}),
+    ("npy-missing-valence", "affectnet_npy", "train",
+     lambda r: (r / "train_set/annotations/toy_train_000001_val.npy").unlink(), "toy_train_000001_val.npy", None,
+     {"with_va": True}),
+    ("rafdb-no-list", "rafdb", "train", lambda r: (r / RAF).unlink(), "list_patition_label.txt", None, {}),
+    ("rafdb-three-fields", "rafdb", "train", lambda r: edit_lines(r / RAF, set_line(2, "train_00002.jpg 3 x")),
+     "list_patition_label.txt", 2, {}),
+    ("rafdb-unknown-label", "rafdb", "train", lambda r: edit_lines(r / RAF, set_line(2, "train_00002.jpg 8")),
+     "list_patition_label.txt", 2, {}),
+    ("rafdb-text-label", "rafdb", "train", lambda r: edit_lines(r / RAF, set_line(2, "train_00002.jpg sad")),
+     "list_patition_label.txt", 2, {}),
+    ("rafdb-bad-prefix", "rafdb", "train", lambda r: edit_lines(r / RAF, set_line(2, "dev_00002.jpg 3")),
+     "list_patition_label.txt", 2, {}),
+    ("fer2013-no-csv", "fer2013", "train", lambda r: (r / FER).unlink(), FER, None, {}),
+    ("fer2013-empty", "fer2013", "train", lambda r: (r / FER).write_text(""), FER, 1, {}),
+    ("fer2013-no-header", "fer2013", "train", lambda r: edit_lines(r / FER, lambda ls: ls[1:]), FER, 1, {}),
+    ("fer2013-pixel-count", "fer2013", "train",
+     lambda r: set_cell(r / FER, 3, "pixels", " ".join(rows_of(r / FER)[2][1].split()[:-1])), FER, 3, {}),
+    ("fer2013-pixel-text", "fer2013", "train",
+     lambda r: set_cell(r / FER, 3, "pixels", rows_of(r / FER)[2][1].replace(" ", " x", 1)), FER, 3, {}),
+    ("fer2013-pixel-range", "fer2013", "train",
+     lambda r: set_cell(r / FER, 3, "pixels", "300 " + rows_of(r / FER)[2][1].split(" ", 1)[1]), FER, 3, {}),
+    ("fer2013-unknown-emotion", "fer2013", "train", lambda r: set_cell(r / FER, 3, "emotion", "7"), FER, 3, {}),
+    ("fer2013-unknown-usage", "fer2013", "train", lambda r: set_cell(r / FER, 3, "Usage", "Dev" * 40), FER, 3, {}),
+    ("ferplus-no-csv", "ferplus", "train", lambda r: (r / FERPLUS).unlink(), FERPLUS, None, {}),
+    ("ferplus-no-images", "ferplus", "train",
+     lambda r: (shutil.rmtree(r / "FER2013Train"), (r / FER).unlink()), "FER2013Train", None, {}),
+    ("ferplus-missing-column", "ferplus", "train", lambda r: drop_column(r / FERPLUS, "NF"), FERPLUS, 1, {}),
+    ("ferplus-negative-vote", "ferplus", "train", lambda r: set_cell(r / FERPLUS, 3, "anger", "-1"), FERPLUS, 3,
+     {}),
+    ("ferplus-text-vote", "ferplus", "train", lambda r: set_cell(r / FERPLUS, 3, "anger", "many"), FERPLUS, 3, {}),
+    ("ferplus-bad-label-mode", "ferplus", "train", lambda r: None, "label_mode", None, {"label_mode": "vote"}),
+    ("ferplus-misaligned-pixels", "ferplus", "train",
+     lambda r: (shutil.rmtree(r / "FER2013Train"), set_cell(r / FER, 3, "Usage", "PrivateTest")), FERPLUS, 3, {}),
+    ("imagefolder-no-split", "imagefolder", "train", lambda r: shutil.rmtree(r / "train"), "train", None, {}),
+    ("imagefolder-unknown-class", "imagefolder", "train", lambda r: (r / "train" / "bored").mkdir(), "bored", None,
+     {}),
+    ("imagefolder-two-val-folders", "imagefolder", "val", lambda r: shutil.copytree(r / "val", r / "validation"),
+     "validation", None, {}),
+]
+
+
+def assert_one_line(err: BaseException, file: str, line: int | None) -> None:
+    text = str(err)
+    assert "\n" not in text and len(text) < 300, text
+    assert file in text, text
+    if line is not None:
+        assert f"{Path(file).name}:{line}:" in text, text
+
+
+@pytest.mark.parametrize("case,fmt,split,damage,file,line,options", READER_CASES, ids=[c[0] for c in READER_CASES])
+def test_reader_errors_are_one_line_data_errors(export, tmp_path, case, fmt, split, damage, file, line, options):
+    root = copy(export, fmt, tmp_path)
+    damage(root)
+    with pytest.raises(DataError) as info:
+        read_split(fmt, root, split, **options)
+    assert_one_line(info.value, file, line)
+    if case.endswith(("no-csv", "no-set", "no-annotations", "no-list", "no-images", "no-split")):
+        assert isinstance(info.value, (DataFileNotFound, FileNotFoundError))
+
+
+def test_fer2013_without_header_names_the_problem_not_the_pixels(export, tmp_path):
+    root = copy(export, "fer2013", tmp_path)
+    edit_lines(root / FER, lambda ls: ls[1:])
+    with pytest.raises(DataError, match=r"fer2013\.csv:1: no header line \(expected columns emotion, pixels, "
+                                        r"Usage\)") as info:
+        read_split("fer2013", root, "train")
+    assert "…" in str(info.value)  # the pixel string, shortened
+
+
+SIDECAR_CASES = [
+    ("captions-malformed", "captions", lambda p: edit_lines(p, set_line(2, "{not json")), 2),
+    ("captions-not-object", "captions", lambda p: edit_lines(p, set_line(2, "[1, 2]")), 2),
+    ("captions-missing-key", "captions", lambda p: edit_lines(p, set_line(2, '{"caption": "x"}')), 2),
+    ("captions-not-string", "captions", lambda p: edit_lines(p, set_line(2, '{"file": 3, "caption": "x"}')), 2),
+    ("openface-empty", "openface", lambda p: p.write_text(""), 1),
+    ("openface-no-file-column", "openface", lambda p: drop_column(p, "file"), 1),
+    ("openface-no-au-columns", "openface",
+     lambda p: write_rows(p, [r[:6] for r in rows_of(p)]), 1),
+    ("openface-short-row", "openface", lambda p: cut_field(p, 3), 3),
+    ("openface-text-au", "openface", lambda p: set_cell(p, 3, "AU01_r", "high"), 3),
+    ("openface-empty-name", "openface", lambda p: set_cell(p, 3, "file", " "), 3),
+    ("openface-binary", "openface", lambda p: p.write_bytes(b"\x00\xff" * 100), 1),
+]
+
+
+@pytest.mark.parametrize("case,kind,damage,line", SIDECAR_CASES, ids=[c[0] for c in SIDECAR_CASES])
+def test_sidecar_errors_are_one_line_data_errors(export, tmp_path, case, kind, damage, line):
+    path = copy(export, kind, tmp_path)
+    damage(path)
+    with pytest.raises(DataError) as info:
+        load_captions(path) if kind == "captions" else load_openface(path, VOCAB)
+    assert_one_line(info.value, path.name, line)
+
+
+@pytest.mark.parametrize("kind", ["captions", "openface"])
+def test_missing_sidecar_is_data_file_not_found(tmp_path, kind):
+    (tmp_path / "empty_dir").mkdir()
+    for missing in (tmp_path / "nowhere.x", tmp_path / "empty_dir"):
+        if kind == "captions" and missing.is_dir():
+            continue
+        with pytest.raises(DataFileNotFound) as info:
+            load_captions(missing) if kind == "captions" else load_openface(missing, VOCAB)
+        assert_one_line(info.value, missing.name, None)
+
+
+# ------------------------------------------------------------------ counted skips at read time
+def one_warning(caught) -> str:
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1, msgs
+    return msgs[0]
+
+
+def read_warned(fmt, root, split, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = read_split(fmt, root, split, **options)
+    return result, one_warning(caught)
+
+
+@pytest.mark.parametrize("fmt", ["affectnet", "affectnet_npy", "rafdb", "ferplus"])
+def test_missing_image_is_a_counted_skip_with_one_warning(export, tmp_path, fmt):
+    root = copy(export, fmt, tmp_path)
+    full = read_split(fmt, root, "train").records
+    for rec in full[:2]:
+        Path(rec.image).unlink()
+    result, msg = read_warned(fmt, root, "train")
+    assert result.skipped == {"missing_image": 2} and len(result.records) == len(full) - 2
+    assert "skipped 2 record(s) whose image file is missing" in msg and Path(full[0].image).name in msg
+
+
+def duplicate_affectnet(root: Path) -> tuple[int, int]:
+    lines = (root / AFF).read_text().splitlines()
+    (root / AFF).write_text("\n".join(lines + [lines[2]]) + "\n")
+    return 3, len(lines) + 1
+
+
+def duplicate_rafdb(root: Path) -> tuple[int, int]:
+    lines = (root / RAF).read_text().splitlines()
+    stem = lines[1].split()[0].removesuffix(".jpg")
+    (root / RAF).write_text("\n".join(lines + [f"{stem}.png 1"]) + "\n")  # another name, the same aligned image
+    return 2, len(lines) + 1
+
+
+def duplicate_ferplus(root: Path) -> tuple[int, int]:
+    lines = (root / FERPLUS).read_text().splitlines()
+    (root / FERPLUS).write_text("\n".join(lines + [lines[2]]) + "\n")
+    return 3, len(lines) + 1
+
+
+DUPLICATES = {"affectnet": duplicate_affectnet, "rafdb": duplicate_rafdb, "ferplus": duplicate_ferplus}
+
+
+@pytest.mark.parametrize("fmt", sorted(DUPLICATES))
+def test_a_file_listed_twice_is_kept_once_and_counted(export, tmp_path, fmt):
+    root = copy(export, fmt, tmp_path)
+    before = read_split(fmt, root, "train").records
+    first, second = DUPLICATES[fmt](root)
+    result, msg = read_warned(fmt, root, "train")
+    assert result.skipped == {"duplicate": 1}
+    assert [r.sample_id for r in result.records] == [r.sample_id for r in before]  # the first listing is kept
+    assert [r.label for r in result.records] == [r.label for r in before]
+    assert "listed twice" in msg and f"lines {first} and {second}" in msg
+
+
+def test_duplicate_never_lands_in_both_train_and_carved_val(export, tmp_path):
+    root = copy(export, "rafdb", tmp_path)
+    lines = (root / RAF).read_text().splitlines()
+    train_lines = [ln for ln in lines if ln.startswith("train_")]
+    (root / RAF).write_text("\n".join(lines + train_lines) + "\n")  # every train image listed twice
+    dm = RealFERDataModule(format="rafdb", root=str(root), protocol=7, image_size=32, augment={}, val_fraction=0.5)
+    with pytest.warns(UserWarning, match="listed twice"):
+        dm.setup()
+    train, val = dm.records["train"], dm.records["val"]
+    assert len(train) + len(val) == len(train_lines)
+    assert not {r.image for r in train} & {r.image for r in val}
+    assert dm.summary()["skipped"]["train/duplicate"] == len(train_lines)
+
+
+def test_captions_duplicate_keeps_the_first_and_names_its_lines(export, tmp_path):
+    path = copy(export, "captions", tmp_path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[1].replace('"caption": "', '"caption": "other ')]) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        captions = load_captions(path)
+    msg = one_warning(caught)
+    assert f"lines 2 and {len(lines) + 1}" in msg
+    assert not any(c.startswith("other ") for c in captions.values())
+
+
+# ------------------------------------------------------------------ AffectNet face boxes
+BOX_CASES = [  # (id, box edit from (x, y, w, h), read-time skip?)
+    ("zero-width", lambda x, y, w, h: (x, y, 0, h), True),
+    ("negative-height", lambda x, y, w, h: (x, y, w, -5), True),
+    ("wholly-left", lambda x, y, w, h: (-1000, y, w, h), True),
+    ("wholly-above", lambda x, y, w, h: (x, -1000, w, h), True),
+    ("wholly-right", lambda x, y, w, h: (500, y, w, h), False),  # needs the image size: found at load time
+    ("wholly-below", lambda x, y, w, h: (x, 500, w, h), False),
+]
+
+
+def set_box(root: Path, line: int, edit) -> None:
+    rows = rows_of(root / AFF)
+    box = [int(v) for v in rows[line - 1][1:5]]
+    rows[line - 1][1:5] = [str(v) for v in edit(*box)]
+    write_rows(root / AFF, rows)
+
+
+@pytest.mark.parametrize("case,edit,at_read", BOX_CASES, ids=[c[0] for c in BOX_CASES])
+def test_bad_face_box_is_counted_never_a_black_face(export, tmp_path, case, edit, at_read):
+    root = copy(export, "affectnet", tmp_path)
+    n = len(read_split("affectnet", root, "train").records)
+    set_box(root, 3, edit)
+    if at_read:
+        result, msg = read_warned("affectnet", root, "train")
+        assert result.skipped == {"bad_face_box": 1} and len(result.records) == n - 1
+        assert "face box" in msg and "training.csv:3" in msg
+        return
+    result = read_split("affectnet", root, "train")
+    bad = next(i for i, r in enumerate(result.records) if r.meta["line"] == 3)
+    ds = RecordDataset(result.records, lambda im: torch.zeros(3, 4, 4), num_aus=12, num_classes=8,
+                       name="affectnet train")
+    batch = collate_fer([ds[i] for i in range(len(ds))])
+    assert result.records[bad].sample_id not in batch["sample_id"] and len(batch["sample_id"]) == n - 1
+    with pytest.warns(UserWarning, match="no pixels inside"):
+        ds.warn_new_failures()
+    assert ds.unreadable() == {"bad_face_box": 1}
+
+
+def test_face_box_partly_outside_is_clipped_to_the_image(export, tmp_path):
+    root = copy(export, "affectnet", tmp_path)
+    set_box(root, 3, lambda x, y, w, h: (-7, y, x + w + 7, h))  # reaches 7 px past the left edge
+    rec = next(r for r in read_split("affectnet", root, "train").records if r.meta["line"] == 3)
+    x, y, w, h = rec.crop
+    face = np.asarray(load_record_image(rec))
+    assert face.shape[:2] == (h, w - 7)  # clipped, not padded with black
+    with Image.open(rec.image) as full:
+        assert np.array_equal(face, np.asarray(full.convert("RGB"))[y:y + h, : w - 7])
+
+
+# ------------------------------------------------------------------ unreadable images at load time
+def corrupt_test_images(export, tmp_path, n: int) -> Path:
+    root = copy(export, "imagefolder", tmp_path)
+    for path in sorted((root / "test").rglob("*.png"))[:n]:
+        path.write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_images_are_left_out_counted_and_warned_once(export, tmp_path, num_workers):
+    root = corrupt_test_images(export, tmp_path, 2)
+    dm = RealFERDataModule(format="imagefolder", root=str(root), image_size=32, batch_size=4, augment={},
+                           num_workers=num_workers)
+    dm.setup()
+    n = len(dm.records["test"])
+    loader = dm.test_dataloader()
+    for epoch in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            served = [s for batch in loader for s in batch["sample_id"]]
+        msgs = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+        assert len(msgs) == (1 if epoch == 0 else 0), msgs  # one warning with the count, none for known ones
+        if epoch == 0:
+            assert "2 unreadable image(s)" in msgs[0]
+        assert len(served) == len(set(served)) == n - 2  # left out, nothing served twice in their place
+    summary = dm.summary()
+    assert summary["skipped"] == {"test/corrupt_image": 2}  # distinct records, not once per epoch
+    assert summary["test_size"] == n - 2 and sum(summary["test_class_counts"]) == n - 2
+
+
+def test_a_batch_of_only_unreadable_images_is_empty_not_filled(export, tmp_path):
+    root = corrupt_test_images(export, tmp_path, 1)
+    dm = RealFERDataModule(format="imagefolder", root=str(root), image_size=32, batch_size=1, augment={})
+    dm.setup()
+    with pytest.warns(UserWarning, match="unreadable"):
+        batches = list(dm.test_dataloader())
+    sizes = [b["image"].shape[0] for b in batches]
+    assert sizes.count(0) == 1 and sizes.count(1) == len(batches) - 1
+    empty = batches[sizes.index(0)]
+    assert empty["image"].shape == (0, 3, 32, 32) and empty["label"].shape == (0,) and empty["sample_id"] == []
+
+
+def test_verify_images_counts_bad_face_boxes_up_front(export, tmp_path):
+    root = copy(export, "affectnet", tmp_path)
+    set_box(root, 3, lambda x, y, w, h: (500, y, w, h))
+    dm = RealFERDataModule(format="affectnet", root=str(root), image_size=32, augment={}, verify_images=True)
+    with pytest.warns(UserWarning, match="bad_face_box"):
+        dm.setup()
+    assert dm.summary()["skipped"] == {"train/bad_face_box": 1}
+
+
+# ------------------------------------------------------------------ datamodule-level user errors
+def test_datamodule_config_and_data_errors(export, tmp_path):
+    with pytest.raises(DataFileNotFound, match="data.root"):
+        RealFERDataModule(format="rafdb", root=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="data.format_options.label_mode"):
+        RealFERDataModule(format="ferplus", root=str(export["ferplus"]), format_options={"label_mode": "vote"})
+    with pytest.raises(ValueError, match=r"data.format_options: .*colour"):
+        RealFERDataModule(format="fer2013", root=str(export["fer2013"]), format_options={"colour": True})
+    with pytest.raises(ValueError, match="data.val_split=split: RAF-DB has no val split"):
+        RealFERDataModule(format="rafdb", root=str(export["rafdb"]), val_split="split")
+    root = copy(export, "rafdb", tmp_path)
+    edit_lines(root / RAF, lambda ls: [ln for ln in ls if not ln.startswith("test_")])
+    dm = RealFERDataModule(format="rafdb", root=str(root), protocol=7, image_size=32)
+    with pytest.raises(DataError, match="the test split .* has no usable samples") as info:
+        dm.setup()
+    assert "\n" not in str(info.value)
