@@ -92,7 +92,8 @@ def _failure_code(err: BaseException) -> int:
     return UNREADABLE_REASONS.index("corrupt_image")
 
 
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+# What load_record_image raises for bad user data (corrupt or vanished file, bad face box); catch these to skip.
+LOAD_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class RecordDataset(torch.utils.data.Dataset):
@@ -156,7 +157,7 @@ class RecordDataset(torch.utils.data.Dataset):
         try:  # re-load the first bad record here for its error message (workers cannot send it back)
             load_record_image(rec)
             why = "could not be loaded"
-        except _DECODE_ERRORS as err:
+        except LOAD_ERRORS as err:
             why = " ".join(str(err).replace(f"'{name}'", "").replace(name, "").split())[:120]
         warnings.warn(f"{self.name}: {new} unreadable image(s) left out, none served in their place (first: {name}: "
                       f"{why}); counted in the data summary: {self.unreadable()}", stacklevel=2)
@@ -186,7 +187,7 @@ class RecordDataset(torch.utils.data.Dataset):
         if not self.flags[index]:
             try:
                 pil = load_record_image(rec)
-            except _DECODE_ERRORS as err:
+            except LOAD_ERRORS as err:
                 self.flags[index] = _failure_code(err)
             else:
                 return self._sample(rec, pil)
@@ -212,12 +213,13 @@ def collate_fer(samples: list[dict]) -> FERBatch:
 
 
 class FERDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader that, in the main process, warns once per pass in which its ``RecordDataset`` found new
-    unreadable images (workers cannot warn usefully: each would print its own)."""
+    """A DataLoader that, in the main process, warns once per pass in which its ``RecordDataset`` (or one inside a
+    ``ConcatDataset``) found new unreadable images (workers cannot warn usefully: each would print its own)."""
 
     def __iter__(self):
         try:
             yield from super().__iter__()
         finally:
-            if isinstance(self.dataset, RecordDataset):
-                self.dataset.warn_new_failures()
+            for dataset in getattr(self.dataset, "datasets", [self.dataset]):
+                if isinstance(dataset, RecordDataset):
+                    dataset.warn_new_failures()

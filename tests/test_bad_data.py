@@ -414,3 +414,23 @@ def test_datamodule_config_and_data_errors(export, tmp_path):
     with pytest.raises(DataError, match="the test split .* has no usable samples") as info:
         dm.setup()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_unreadable_images_reach_metrics_json_through_the_teacher_stage(export, tmp_path, tiny_cfg):
+    """Lightning, DataLoader workers and the classifier stage: the decode-time counts land in metrics.json."""
+    import json
+
+    from lightning_modules.stages.classifier_stage import run_classifier_stage
+
+    root = corrupt_test_images(export, tmp_path, 2)
+    next((root / "train").rglob("*.png")).write_bytes(b"\x89PNG truncated")
+    n_test = len(read_split("imagefolder", root, "test").records)
+    cfg = tiny_cfg("stage=teacher", "data=imagefolder", f"data.root={root}", "data.protocol=8",
+                   "data.num_workers=1", "data.augment.random_erasing=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_classifier_stage(cfg, "teacher")
+    metrics = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())
+    assert metrics["data/skipped/test/corrupt_image"] == 2 and metrics["data/skipped/train/corrupt_image"] == 1
+    assert metrics["data/test_size"] == n_test - 2 and metrics["data/train_size"] == SIZES["train"] - 1
