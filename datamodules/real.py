@@ -25,7 +25,8 @@ from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_lis
 from datamodules.transforms import AugmentConfig, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
-READER_WARNED = {"missing_image", "duplicate", "bad_face_box", "corrupt_image"}
+# Skip reasons already warned about where they are counted (readers, verify_images, _drop_shared_files).
+READER_WARNED = {"missing_image", "duplicate", "bad_face_box", "corrupt_image", "in_test_split", "in_val_split"}
 # Formats without a usable validation split: RAF-DB has none; AffectNet's validation set is its test set.
 CARVE_VAL_FORMATS = {"rafdb", "affectnet", "affectnet_npy"}
 
@@ -140,11 +141,26 @@ class RealFERDataModule(L.LightningDataModule):
             kept.append(rec)
         return kept
 
+    def _drop_shared_files(self, train: list[FERRecord], other: list[FERRecord], split: str) -> list[FERRecord]:
+        """Train records whose image file is also listed in ``split`` are dropped from train (counted
+        ``train/in_<split>_split``, one warning): the evaluation split keeps its samples and stays unseen."""
+        files = {r.image for r in other if isinstance(r.image, str)}
+        shared = [r for r in train if isinstance(r.image, str) and r.image in files]
+        if not shared:
+            return train
+        self.skipped[f"train/in_{split}_split"] += len(shared)
+        warnings.warn(f"{self.format}: dropped {len(shared)} train record(s) whose image file is also in the {split} "
+                      f"split (first: {shared[0].image})")
+        drop = {id(r) for r in shared}
+        return [r for r in train if id(r) not in drop]
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
             return
         carve = self.val_split == "carve" or (self.val_split == "auto" and self.format in CARVE_VAL_FORMATS)
         train = self._in_protocol(self._read("train"), "train")
+        test = self._in_protocol(self._read("test"), "test")
+        train = self._drop_shared_files(train, test, "test")
         rng = np.random.default_rng(self.seed)
         if carve:
             order = rng.permutation(len(train))
@@ -158,10 +174,10 @@ class RealFERDataModule(L.LightningDataModule):
                 raise RuntimeError(f"carved val split shares {len(shared)} sample(s) with train, e.g. {min(shared)}")
         else:
             val = self._in_protocol(self._read("val"), "val")
+            train = self._drop_shared_files(train, val, "val")
         if self.train_limit is not None and self.train_limit < len(train):
             keep = np.sort(rng.choice(len(train), size=self.train_limit, replace=False))
             train = [train[i] for i in keep]
-        test = self._in_protocol(self._read("test"), "test")
         self.records = {"train": train, "val": val, "test": test}
         for split, recs in self.records.items():
             if not recs:

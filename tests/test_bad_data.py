@@ -212,6 +212,26 @@ def test_missing_sidecar_is_data_file_not_found(tmp_path, kind):
         assert_one_line(info.value, missing.name, None)
 
 
+@pytest.mark.parametrize("message,expected", [
+    ("f.csv:3: bad value '" + "1 " * 4000 + "'", "f.csv:3: bad value '" + "1 " * 29 + "1…'"),
+    ('f.csv:3: bad value "' + "x" * 100 + '" here', 'f.csv:3: bad value "' + "x" * 59 + '…" here'),
+    ("f.csv:3: two\nlines\r\n  and  spaces", "f.csv:3: two lines and spaces"),
+    ("f.csv:3: short 'ok'", "f.csv:3: short 'ok'"),
+])
+def test_one_line_shortens_values_and_joins_lines(message, expected):
+    from datamodules.formats.common import one_line
+
+    assert one_line(message) == expected
+
+
+def test_one_line_cuts_the_middle_of_a_long_message_keeping_file_and_line():
+    from datamodules.formats.common import one_line
+
+    text = one_line("/data/set/labels.csv:12: " + " ".join(f"word{i}" for i in range(200)))
+    assert len(text) <= 280 and text.startswith("/data/set/labels.csv:12: word0") and " … " in text
+    assert text.endswith("word199")
+
+
 # ------------------------------------------------------------------ counted skips at read time
 def one_warning(caught) -> str:
     msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
@@ -283,6 +303,21 @@ def test_duplicate_never_lands_in_both_train_and_carved_val(export, tmp_path):
     assert len(train) + len(val) == len(train_lines)
     assert not {r.image for r in train} & {r.image for r in val}
     assert dm.summary()["skipped"]["train/duplicate"] == len(train_lines)
+
+
+def test_a_train_file_also_listed_for_test_is_dropped_from_train(export, tmp_path):
+    root = copy(export, "affectnet", tmp_path)
+    train_lines = (root / AFF).read_text().splitlines()
+    val_lines = (root / "validation.csv").read_text().splitlines()
+    (root / "validation.csv").write_text("\n".join(val_lines + train_lines[1:3]) + "\n")
+    dm = RealFERDataModule(format="affectnet", root=str(root), image_size=32, augment={})
+    with pytest.warns(UserWarning, match="dropped 2 train record"):
+        dm.setup()
+    test_files = {r.image for r in dm.records["test"]}
+    assert len(test_files) == len(val_lines) - 1 + 2
+    assert not test_files & {r.image for split in ("train", "val") for r in dm.records[split]}
+    assert dm.summary()["skipped"] == {"train/in_test_split": 2}
+    assert len(dm.records["train"]) + len(dm.records["val"]) == len(train_lines) - 1 - 2
 
 
 def test_captions_duplicate_keeps_the_first_and_names_its_lines(export, tmp_path):
