@@ -2,84 +2,27 @@
 with one warning. The datasets are real format folders written by the toy exporter, then damaged."""
 from __future__ import annotations
 
-import csv
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from datamodules.batch import RecordDataset, collate_fer, load_record_image
+from bad_data_helpers import (AFF, FER, FERPLUS, RAF, copy, cut_field, drop_column, edit_lines, npy_annotations,
+                              one_warning, read_warned, rows_of, set_cell, set_line, toy_export, write_rows)
 from datamodules.errors import DataError, DataFileNotFound
 from datamodules.formats import load_captions, load_openface, read_split
 from datamodules.labels import AUVocabulary
 from datamodules.real import RealFERDataModule
 
-SIZES = {"train": 12, "val": 4, "test": 8}
 VOCAB = AUVocabulary()
 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from datamodules.toyfaces import ToyFacesConfig
-    from datamodules.toyfaces_export import export_toyfaces
+    return toy_export(tmp_path_factory.mktemp("export"))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return export_toyfaces(ToyFacesConfig(image_size=32, seed=5), SIZES, tmp_path_factory.mktemp("export"))
-
-
-def copy(export, fmt: str, tmp_path: Path) -> Path:
-    src = Path(export[fmt])
-    if src.is_file():  # a sidecar
-        return Path(shutil.copy(src, tmp_path / src.name))
-    return Path(shutil.copytree(src, tmp_path / fmt))
-
-
-# ------------------------------------------------------------------ damage helpers
-def rows_of(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
-def write_rows(path: Path, rows) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-def set_cell(path: Path, line: int, column: str, value: str) -> None:
-    rows = rows_of(path)
-    rows[line - 1][[h.strip() for h in rows[0]].index(column)] = value
-    write_rows(path, rows)
-
-
-def drop_column(path: Path, column: str) -> None:
-    rows = rows_of(path)
-    k = [h.strip() for h in rows[0]].index(column)
-    write_rows(path, [r[:k] + r[k + 1:] for r in rows])
-
-
-def edit_lines(path: Path, fn) -> None:
-    path.write_text("\n".join(fn(path.read_text().splitlines())) + "\n")
-
-
-def set_line(line: int, text: str):
-    return lambda lines: lines[: line - 1] + [text] + lines[line:]
-
-
-def cut_field(path: Path, line: int) -> None:
-    edit_lines(path, lambda ls: ls[: line - 1] + [ls[line - 1].rsplit(",", 1)[0]] + ls[line:])
-
-
-def npy_annotations(root: Path) -> list[Path]:
-    return sorted((root / "train_set" / "annotations").glob("*_exp.npy"))
-
-
-AFF, RAF = "training.csv", "EmoLabel/list_patition_label.txt"
-FER, FERPLUS, OF = "fer2013.csv", "fer2013new.csv", "openface_aus.csv"
 
 # (case id, format, split, damage(root), file name the message must name, line or None, reader options)
 READER_CASES = [
@@ -233,19 +176,6 @@ def test_one_line_cuts_the_middle_of_a_long_message_keeping_file_and_line():
 
 
 # ------------------------------------------------------------------ counted skips at read time
-def one_warning(caught) -> str:
-    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(msgs) == 1, msgs
-    return msgs[0]
-
-
-def read_warned(fmt, root, split, **options):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = read_split(fmt, root, split, **options)
-    return result, one_warning(caught)
-
-
 @pytest.mark.parametrize("fmt", ["affectnet", "affectnet_npy", "rafdb", "ferplus"])
 def test_missing_image_is_a_counted_skip_with_one_warning(export, tmp_path, fmt):
     root = copy(export, fmt, tmp_path)
@@ -332,107 +262,6 @@ def test_captions_duplicate_keeps_the_first_and_names_its_lines(export, tmp_path
     assert not any(c.startswith("other ") for c in captions.values())
 
 
-# ------------------------------------------------------------------ AffectNet face boxes
-BOX_CASES = [  # (id, box edit from (x, y, w, h), read-time skip?)
-    ("zero-width", lambda x, y, w, h: (x, y, 0, h), True),
-    ("negative-height", lambda x, y, w, h: (x, y, w, -5), True),
-    ("wholly-left", lambda x, y, w, h: (-1000, y, w, h), True),
-    ("wholly-above", lambda x, y, w, h: (x, -1000, w, h), True),
-    ("wholly-right", lambda x, y, w, h: (500, y, w, h), False),  # needs the image size: found at load time
-    ("wholly-below", lambda x, y, w, h: (x, 500, w, h), False),
-]
-
-
-def set_box(root: Path, line: int, edit) -> None:
-    rows = rows_of(root / AFF)
-    box = [int(v) for v in rows[line - 1][1:5]]
-    rows[line - 1][1:5] = [str(v) for v in edit(*box)]
-    write_rows(root / AFF, rows)
-
-
-@pytest.mark.parametrize("case,edit,at_read", BOX_CASES, ids=[c[0] for c in BOX_CASES])
-def test_bad_face_box_is_counted_never_a_black_face(export, tmp_path, case, edit, at_read):
-    root = copy(export, "affectnet", tmp_path)
-    n = len(read_split("affectnet", root, "train").records)
-    set_box(root, 3, edit)
-    if at_read:
-        result, msg = read_warned("affectnet", root, "train")
-        assert result.skipped == {"bad_face_box": 1} and len(result.records) == n - 1
-        assert "face box" in msg and "training.csv:3" in msg
-        return
-    result = read_split("affectnet", root, "train")
-    bad = next(i for i, r in enumerate(result.records) if r.meta["line"] == 3)
-    ds = RecordDataset(result.records, lambda im: torch.zeros(3, 4, 4), num_aus=12, num_classes=8,
-                       name="affectnet train")
-    batch = collate_fer([ds[i] for i in range(len(ds))])
-    assert result.records[bad].sample_id not in batch["sample_id"] and len(batch["sample_id"]) == n - 1
-    with pytest.warns(UserWarning, match="no pixels inside"):
-        ds.warn_new_failures()
-    assert ds.unreadable() == {"bad_face_box": 1}
-
-
-def test_face_box_partly_outside_is_clipped_to_the_image(export, tmp_path):
-    root = copy(export, "affectnet", tmp_path)
-    set_box(root, 3, lambda x, y, w, h: (-7, y, x + w + 7, h))  # reaches 7 px past the left edge
-    rec = next(r for r in read_split("affectnet", root, "train").records if r.meta["line"] == 3)
-    x, y, w, h = rec.crop
-    face = np.asarray(load_record_image(rec))
-    assert face.shape[:2] == (h, w - 7)  # clipped, not padded with black
-    with Image.open(rec.image) as full:
-        assert np.array_equal(face, np.asarray(full.convert("RGB"))[y:y + h, : w - 7])
-
-
-# ------------------------------------------------------------------ unreadable images at load time
-def corrupt_test_images(export, tmp_path, n: int) -> Path:
-    root = copy(export, "imagefolder", tmp_path)
-    for path in sorted((root / "test").rglob("*.png"))[:n]:
-        path.write_bytes(b"not a png")
-    return root
-
-
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_unreadable_images_are_left_out_counted_and_warned_once(export, tmp_path, num_workers):
-    root = corrupt_test_images(export, tmp_path, 2)
-    dm = RealFERDataModule(format="imagefolder", root=str(root), image_size=32, batch_size=4, augment={},
-                           num_workers=num_workers)
-    dm.setup()
-    n = len(dm.records["test"])
-    loader = dm.test_dataloader()
-    for epoch in range(2):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            served = [s for batch in loader for s in batch["sample_id"]]
-        msgs = [str(w.message) for w in caught if "unreadable" in str(w.message)]
-        assert len(msgs) == (1 if epoch == 0 else 0), msgs  # one warning with the count, none for known ones
-        if epoch == 0:
-            assert "2 unreadable image(s)" in msgs[0]
-        assert len(served) == len(set(served)) == n - 2  # left out, nothing served twice in their place
-    summary = dm.summary()
-    assert summary["skipped"] == {"test/corrupt_image": 2}  # distinct records, not once per epoch
-    assert summary["test_size"] == n - 2 and sum(summary["test_class_counts"]) == n - 2
-
-
-def test_a_batch_of_only_unreadable_images_is_empty_not_filled(export, tmp_path):
-    root = corrupt_test_images(export, tmp_path, 1)
-    dm = RealFERDataModule(format="imagefolder", root=str(root), image_size=32, batch_size=1, augment={})
-    dm.setup()
-    with pytest.warns(UserWarning, match="unreadable"):
-        batches = list(dm.test_dataloader())
-    sizes = [b["image"].shape[0] for b in batches]
-    assert sizes.count(0) == 1 and sizes.count(1) == len(batches) - 1
-    empty = batches[sizes.index(0)]
-    assert empty["image"].shape == (0, 3, 32, 32) and empty["label"].shape == (0,) and empty["sample_id"] == []
-
-
-def test_verify_images_counts_bad_face_boxes_up_front(export, tmp_path):
-    root = copy(export, "affectnet", tmp_path)
-    set_box(root, 3, lambda x, y, w, h: (500, y, w, h))
-    dm = RealFERDataModule(format="affectnet", root=str(root), image_size=32, augment={}, verify_images=True)
-    with pytest.warns(UserWarning, match="bad_face_box"):
-        dm.setup()
-    assert dm.summary()["skipped"] == {"train/bad_face_box": 1}
-
-
 # ------------------------------------------------------------------ datamodule-level user errors
 def test_datamodule_config_and_data_errors(export, tmp_path):
     with pytest.raises(DataFileNotFound, match="data.root"):
@@ -449,23 +278,3 @@ def test_datamodule_config_and_data_errors(export, tmp_path):
     with pytest.raises(DataError, match="the test split .* has no usable samples") as info:
         dm.setup()
     assert "\n" not in str(info.value)
-
-
-@pytest.mark.slow
-def test_unreadable_images_reach_metrics_json_through_the_teacher_stage(export, tmp_path, tiny_cfg):
-    """Lightning, DataLoader workers and the classifier stage: the decode-time counts land in metrics.json."""
-    import json
-
-    from lightning_modules.stages.classifier_stage import run_classifier_stage
-
-    root = corrupt_test_images(export, tmp_path, 2)
-    next((root / "train").rglob("*.png")).write_bytes(b"\x89PNG truncated")
-    n_test = len(read_split("imagefolder", root, "test").records)
-    cfg = tiny_cfg("stage=teacher", "data=imagefolder", f"data.root={root}", "data.protocol=8",
-                   "data.num_workers=1", "data.augment.random_erasing=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_classifier_stage(cfg, "teacher")
-    metrics = json.loads((tmp_path / "run" / "teacher" / "metrics.json").read_text())
-    assert metrics["data/skipped/test/corrupt_image"] == 2 and metrics["data/skipped/train/corrupt_image"] == 1
-    assert metrics["data/test_size"] == n_test - 2 and metrics["data/train_size"] == SIZES["train"] - 1
