@@ -83,7 +83,9 @@ class FERClassifierBase(L.LightningModule):
             losses["total"] = losses["cls"]
         return losses
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        if batch["image"].shape[0] == 0:  # every face of the batch failed to load (counted by the datamodule)
+            return None  # Lightning skips the step; BatchNorm never sees an empty batch
         out = self(batch["image"])
         losses = self._loss(batch, out)
         n = batch["image"].shape[0]
@@ -92,6 +94,8 @@ class FERClassifierBase(L.LightningModule):
         return losses["total"]
 
     def _eval_step(self, batch: dict, stage: str, metrics) -> torch.Tensor:
+        if batch["image"].shape[0] == 0:  # every face failed to load: nothing to score
+            return batch["label"]
         out = self(batch["image"])
         losses = self._loss(batch, out)
         n = batch["image"].shape[0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -24,7 +25,7 @@ from torchmetrics.functional import pearson_corrcoef
 from torchmetrics.functional.classification import binary_accuracy
 from tqdm.auto import tqdm
 
-from datamodules.batch import FERRecord, load_record_image
+from datamodules.batch import LOAD_ERRORS, FERRecord, load_record_image
 from datamodules.labels import EXPRESSIONS
 
 
@@ -83,7 +84,19 @@ def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_cl
 def records_to_conditions(records: Sequence[FERRecord], seed: int) -> EvalConditions:
     import torchvision.transforms.v2.functional as TF
 
-    refs = [TF.to_dtype(TF.to_image(load_record_image(r)), torch.float32, scale=True) for r in records]
+    refs, kept = [], []
+    for r in records:  # an unreadable face (or a face box outside its image) cannot be a reference: skip, count
+        try:
+            refs.append(TF.to_dtype(TF.to_image(load_record_image(r)), torch.float32, scale=True))
+            kept.append(r)
+        except LOAD_ERRORS:
+            continue
+    if len(kept) < len(records):
+        warnings.warn(f"evaluation conditions: skipped {len(records) - len(kept)} of {len(records)} reference "
+                      "face(s) that could not be loaded", stacklevel=2)
+    if not kept:
+        raise ValueError("no loadable reference faces to build evaluation conditions from")
+    records = kept
     size = refs[0].shape[-1]
     refs = torch.stack([TF.resize(x, [size, size], antialias=True) for x in refs])
     return EvalConditions(

@@ -158,7 +158,9 @@ class FERGenerator(L.LightningModule):
         return F.mse_loss(pred.float(), target.float())
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        if batch["image"].shape[0] == 0:  # every face of the batch failed to load (counted by the datamodule)
+            return None
         loss = self.diffusion_loss(batch, train=True)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss

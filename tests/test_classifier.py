@@ -66,3 +66,14 @@ def test_pretrained_weights_only_from_a_local_file(tmp_path):
         create_backbone("resnet18", num_classes=8, pretrained=str(tmp_path / "missing.safetensors"))
     with pytest.raises(ValueError, match="backbone"):
         FERClassifier(backbone="resnet_does_not_exist")
+
+
+def test_a_batch_whose_faces_all_failed_to_load_is_skipped_not_trained_on():
+    """The datamodule drops unreadable faces from their batch; an all-dropped batch must not reach BatchNorm."""
+    model = FERStudent(backbone="resnet18", num_classes=8)
+    empty = {k: v[:0] for k, v in _batch().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.training_step(empty, 0) is None
+    preds = model._eval_step(empty, "val", model.val_metrics)
+    assert preds.numel() == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no running-stat update

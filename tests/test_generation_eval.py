@@ -140,3 +140,16 @@ def test_component_builders_reject_bad_input(tmp_path):
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="missing vae/, text_encoder/, tokenizer/, scheduler/"):
         load_pretrained(str(tmp_path / "sd"))
+
+
+def test_eval_conditions_skip_unloadable_reference_faces(tmp_path):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    bad = FERRecord(sample_id="bad", image=str(corrupt), label=0, aus=np.zeros(3, np.float32),
+                    au_mask=np.ones(3, bool), caption="broken")
+    records = [_record(i, i % 3) for i in range(6)] + [bad]
+    with pytest.warns(UserWarning, match="skipped 1 of"):
+        conds = records_eval_conditions(records, per_class=3, num_classes=3, seed=0)
+    assert "broken" not in conds.captions and conds.references.shape[0] == len(conds.labels) == 6
+    with pytest.raises(ValueError, match="no loadable reference faces"), pytest.warns(UserWarning):
+        records_eval_conditions([bad], 1, 3, 0)
