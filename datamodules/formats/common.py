@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.batch import FERRecord
+from datamodules.errors import DataError, DataFileNotFound
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -44,8 +45,8 @@ def where(path: str | Path, line: int | None = None) -> str:
     return f"{path}:{line}" if line is not None else str(path)
 
 
-def row_error(path: str | Path, line: int | None, message: str) -> ValueError:
-    return ValueError(f"{where(path, line)}: {message}")
+def row_error(path: str | Path, line: int | None, message: str) -> DataError:
+    return DataError(f"{where(path, line)}: {message}")
 
 
 def check_split(split: str, fmt: str) -> None:
@@ -56,14 +57,14 @@ def check_split(split: str, fmt: str) -> None:
 def require_dir(path: str | Path, fmt: str, what: str = "dataset root") -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{fmt}: {what} not found: {path}")
+        raise DataFileNotFound(f"{fmt}: {what} not found: {path}")
     return path
 
 
 def require_file(path: str | Path, fmt: str, what: str = "annotation file") -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{fmt}: {what} not found: {path}")
+        raise DataFileNotFound(f"{fmt}: {what} not found: {path}")
     return path
 
 
