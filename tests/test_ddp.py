@@ -56,7 +56,7 @@ def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
 
 def test_mixed_student_trains_under_two_process_ddp(tmp_path):
     """mix.mode=ratio under DDP: the datamodule deals its own batches; each of 2 ranks takes half an epoch."""
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     synthetic = tmp_path / "synthetic"
     write_toy_synthetic_set(synthetic, n=96, shards=2)

@@ -111,7 +111,7 @@ def test_student_on_real_plus_relabelled_synthetic_faces(tiny_cfg, tmp_path):
     from datasets import Dataset
 
     from datamodules.synthetic import load_synthetic, write_dataset
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     raw = tmp_path / "raw"
     write_toy_synthetic_set(raw, n=48, shards=1)
