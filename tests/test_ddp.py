@@ -4,9 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, compose
+from lightning_modules.metrics import confusion_matrix_metric
+from lightning_modules.stages.classifier_stage import build_datamodule
+from lightning_modules.teacher import load_fer_classifier
 
 
 def test_teacher_trains_under_two_process_ddp(tmp_path):
@@ -15,12 +20,24 @@ def test_teacher_trains_under_two_process_ddp(tmp_path):
            "experiment_name=ddp"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "ddp" / "teacher" / "metrics.json").read_text())
+    out = tmp_path / "ddp" / "teacher"
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    assert (tmp_path / "ddp" / "teacher" / "teacher.ckpt").is_file()
     # 96 train faces, batch 32: one process would take 3 batches per epoch; each of 2 ranks takes half the data
     assert metrics["train_batches_per_epoch"] == 2
+    # the test numbers cover both ranks' halves of the 48 test faces (synced), not rank 0's 24
+    matrix = torch.load(out / "confusion_matrix.pt")
+    assert int(matrix.sum()) == 48
+    assert metrics["test/acc"] == pytest.approx(float(matrix.trace() / matrix.sum()))
+    # ... and the saved checkpoint, run over the whole test split in this one process, gives the same matrix
+    model = load_fer_classifier(out / "teacher.ckpt")
+    data = build_datamodule(compose(TINY, tmp_path / "single"))
+    data.setup("test")
+    recomputed = confusion_matrix_metric(data.num_classes)
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            recomputed.update(model(batch["image"])["logits"].argmax(dim=1), batch["label"])
+    assert torch.equal(recomputed.compute(), matrix)
 
 
 def test_generator_trains_under_two_process_ddp(tmp_path):
