@@ -14,6 +14,8 @@ from lightning_modules.stages.classifier_stage import build_datamodule
 from lightning_modules.teacher import load_fer_classifier
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_teacher_trains_under_two_process_ddp(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "train.py", "stage=teacher", "trainer=ddp_cpu", *TINY, f"output_root={tmp_path}",
@@ -40,6 +42,8 @@ def test_teacher_trains_under_two_process_ddp(tmp_path):
     assert torch.equal(recomputed.compute(), matrix)
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_generator_trains_under_two_process_ddp(tmp_path):
     """Grids and the pipeline export run on rank 0 only while rank 1 waits; the final validation is synced."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -54,6 +58,7 @@ def test_generator_trains_under_two_process_ddp(tmp_path):
     assert (out / "grids" / "expressions_step000001.png").is_file()
 
 
+@pytest.mark.slow
 def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
     """Two sweep jobs in one process: separate run folders, the swept value in each config, two wandb runs."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
@@ -71,6 +76,8 @@ def test_hydra_multirun_gives_each_job_its_own_run_and_wandb_run(tmp_path):
         assert len(list((job / "student" / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.ddp
 def test_mixed_student_trains_under_two_process_ddp(tmp_path):
     """mix.mode=ratio under DDP: the datamodule deals its own batches; each of 2 ranks takes half an epoch."""
     from synthetic_fixtures import write_toy_synthetic_set

@@ -144,6 +144,7 @@ def test_relabel_config_errors(tiny_cfg, voters, synthetic_set, override, key):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_relabel_under_two_process_ddp_covers_every_id_once(tmp_path, voters, synthetic_set):
     directory, ids = synthetic_set
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
