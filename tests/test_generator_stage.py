@@ -22,6 +22,7 @@ def _sample(pipe, aus):
                 text_scale=2.0, au_scale=2.0, progress=False).images
 
 
+@pytest.mark.slow
 def test_generator_stage_trains_saves_reloads_and_evaluates(tiny_cfg, tmp_path, monkeypatch):
     guide_calls = []  # batch size of each semantic-guidance classifier call
     guide_forward = ClassifierGuide.forward
@@ -71,6 +72,7 @@ def test_generator_stage_trains_saves_reloads_and_evaluates(tiny_cfg, tmp_path, 
     assert math.isfinite(ev["guidance_time_ratio"]) and ev["guidance_time_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_generator_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
     args = [*GEN, "generator.eval.enabled=false"]
     first = train.run_stage(tiny_cfg("stage=generator", *args))
@@ -88,6 +90,7 @@ def test_generator_resumes_from_its_last_checkpoint(tiny_cfg, tmp_path):
     assert third["resumed_from"] == "" and third["steps"] == 4
 
 
+@pytest.mark.slow
 def test_text_only_generator_without_au_adapter(tiny_cfg, tmp_path):
     metrics = train.run_stage(tiny_cfg("stage=generator", *GEN, "generator.model.au_adapter=false",
                                        "generator.eval.enabled=false"))
@@ -100,12 +103,14 @@ def test_text_only_generator_without_au_adapter(tiny_cfg, tmp_path):
     assert images.shape == (1, 3, 32, 32)
 
 
+@pytest.mark.slow
 def test_generator_eval_without_teacher_is_skipped_with_a_warning(tiny_cfg, tmp_path):
     with pytest.warns(UserWarning, match="no teacher checkpoint"):
         metrics = train.run_stage(tiny_cfg("stage=generator", *GEN, "generator.max_steps=1"))
     assert "skipped" in metrics["eval"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_stable_diffusion_folder_backbone(tiny_cfg, tmp_path, finetune):
     sd = save_tiny_sd(tmp_path / "sd")

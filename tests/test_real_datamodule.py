@@ -102,6 +102,7 @@ def test_corrupt_image_is_skipped_with_one_warning(toy_export, tmp_path):
     assert sum(len(b["sample_id"]) for b in batches) == len(dm.records["test"])
 
 
+@pytest.mark.slow
 def test_cli_trains_a_teacher_on_an_exported_public_format(toy_export, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "train.py", "stage=teacher", "data=fer2013", f"data.root={toy_export['fer2013']}",

@@ -44,6 +44,7 @@ PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshol
 STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "student", "student_mix")
 
 
+@pytest.mark.slow
 def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*PIPELINE)
     first = train.run_stage(cfg)
