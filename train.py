@@ -11,6 +11,7 @@ for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 import hydra
 from omegaconf import DictConfig
 
+from lightning_modules import preflight
 from lightning_modules.runtime import ConfigError
 
 
@@ -61,18 +62,24 @@ STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesiz
 def run_stage(cfg: DictConfig):
     if cfg.stage not in STAGES:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)}")
+    preflight.check_trainer(cfg)  # before the stage reads data or touches its outputs
     return STAGES[cfg.stage](cfg)
+
+
+def run_reporting_errors(cfg: DictConfig):
+    """User errors (ConfigError, DataError, an unset `???` key, also wrapped) -> one line on stderr, exit 2;
+    anything else is a bug: full traceback, exit 1. Caught here: Hydra would print its own trimmed traceback."""
+    try:
+        return run_stage(cfg)
+    except Exception as err:  # noqa: BLE001 - every exception is reported, by kind
+        sys.exit(preflight.report(err))
+    finally:
+        _close_process_group()
 
 
 @hydra.main(version_base="1.3", config_path="experiments", config_name="config")
 def main(cfg: DictConfig):
-    try:
-        return run_stage(cfg)
-    except ConfigError as err:
-        print(f"\n{err}\n", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        _close_process_group()
+    return run_reporting_errors(cfg)
 
 
 def _close_process_group() -> None:

@@ -15,8 +15,28 @@ def test_ids_equal_open_clip(tmp_path):
         assert ours(text)["input_ids"] == ref, text
     padded = ours(["a face"], padding="max_length", max_length=77, truncation=True)["input_ids"][0]
     assert len(padded) == 77 and padded[-1] == 49407
-    # cached: a second build reads the files written the first time
-    assert offline_clip_tokenizer(tmp_path / "tok").vocab_size == ours.vocab_size == 49408
+
+
+def test_second_build_reads_the_cache_without_rebuilding(tmp_path, monkeypatch):
+    import open_clip
+
+    from lightning_modules import clip_tokenizer
+
+    first = offline_clip_tokenizer(tmp_path / "tok")
+    files = [tmp_path / "tok" / name for name in ("vocab.json", "merges.txt")]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    builds = []
+    monkeypatch.setattr(clip_tokenizer, "write_clip_vocab", lambda *a, **k: builds.append(a))
+    cached = offline_clip_tokenizer(tmp_path / "tok")
+    assert builds == [] and [f.stat().st_mtime_ns for f in files] == stamps
+    text = "a close-up photo of a person, brows raised"
+    assert cached(text)["input_ids"] == first(text)["input_ids"] == \
+        [t for t in open_clip.get_tokenizer("ViT-B-32")([text])[0].tolist() if t != 0]
+    # a half-written cache (merges.txt lost) is rebuilt, not read
+    files[1].unlink()
+    monkeypatch.undo()
+    rebuilt = offline_clip_tokenizer(tmp_path / "tok")
+    assert files[1].is_file() and rebuilt(text)["input_ids"] == first(text)["input_ids"]
 
 
 def test_missing_bpe_file_is_named(tmp_path):

@@ -383,7 +383,7 @@ def test_scale_null_takes_every_kept_face(tmp_path):
     """mix.scale=None (the pipeline's mixed student): all kept faces, whatever the vote dropped."""
     from datamodules.real import RealFERDataModule
     from datamodules.synthetic import load_synthetic, write_dataset
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     raw = tmp_path / "raw"
     write_toy_synthetic_set(raw, n=20, shards=1)

@@ -105,6 +105,7 @@ def test_corrupt_image_is_skipped_with_one_warning(toy_export, tmp_path):
     assert summary["skipped"]["test/corrupt_image"] == 2 and summary["test_size"] == len(dm.records["test"]) - 2
 
 
+@pytest.mark.slow
 def test_cli_trains_a_teacher_on_an_exported_public_format(toy_export, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "train.py", "stage=teacher", "data=fer2013", f"data.root={toy_export['fer2013']}",

@@ -11,37 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, TINY
-from datamodules.synthetic import (MANIFEST, SyntheticFERDataset, load_synthetic, read_manifest, to_pil,
-                                   write_shard)
+from datamodules.synthetic import MANIFEST, SyntheticFERDataset, load_synthetic, read_manifest, write_shard
 from lightning_modules.runtime import ConfigError
+from synthetic_fixtures import write_toy_synthetic_set
 
-N_FACES = 40
-
-
-def _faces(n: int):
-    from datamodules.real import toy_records
-    from datamodules.toyfaces import ToyFacesConfig
-
-    return toy_records(ToyFacesConfig(image_size=32, seed=5), "test", n, progress=False)
-
-
-def write_toy_synthetic_set(directory: Path, n: int = N_FACES, shards: int = 2) -> list[str]:
-    """Toy faces stored as a synthetic set, in ``shards`` shards; returns the sample ids in order."""
-    import numpy as np
-
-    records = _faces(n)
-    ids = []
-    per = (n + shards - 1) // shards
-    for s in range(shards):
-        part = records[s * per:(s + 1) * per]
-        images = torch.stack([torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1) for r in part]).float() / 255
-        rows = {"image": to_pil(images), "sample_id": [f"syn-{s}-{i}" for i in range(len(part))],
-                "seed": list(range(len(part))), "target_label": [r.label for r in part],
-                "target_aus": [r.aus.tolist() for r in part], "au_mask": [r.au_mask.tolist() for r in part],
-                "caption": [r.caption for r in part], "guidance": ["{}"] * len(part)}
-        write_shard(directory, f"shard-{s:05d}", rows)
-        ids += rows["sample_id"]
-    return ids
+N_FACES = 40  # write_toy_synthetic_set's default
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +144,7 @@ def test_relabel_config_errors(tiny_cfg, voters, synthetic_set, override, key):
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_relabel_under_two_process_ddp_covers_every_id_once(tmp_path, voters, synthetic_set):
     directory, ids = synthetic_set
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

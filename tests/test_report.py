@@ -156,7 +156,7 @@ def test_ablation_table_and_bar_chart(tmp_path):
 
 
 def test_synthetic_sample_grid_linked(tmp_path):
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     from datamodules.synthetic import load_synthetic
     from lightning_modules.report_plots import pick_per_class

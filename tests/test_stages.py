@@ -44,6 +44,7 @@ PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshol
 STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "student", "student_mix")
 
 
+@pytest.mark.slow
 def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     cfg = tiny_cfg(*PIPELINE)
     first = train.run_stage(cfg)
@@ -111,7 +112,7 @@ def test_student_on_real_plus_relabelled_synthetic_faces(tiny_cfg, tmp_path):
     from datasets import Dataset
 
     from datamodules.synthetic import load_synthetic, write_dataset
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     raw = tmp_path / "raw"
     write_toy_synthetic_set(raw, n=48, shards=1)

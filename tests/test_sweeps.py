@@ -65,7 +65,7 @@ def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
 
 @pytest.mark.slow
 def test_tiny_scaling_multirun_runs_each_point_in_its_own_run(tmp_path):
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     synthetic = tmp_path / "synthetic"
     write_toy_synthetic_set(synthetic, n=96, shards=1)

@@ -251,6 +251,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_set(generator_dir, uninterru
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
 def test_two_processes_give_the_same_set_as_one(generator_dir, uninterrupted, tmp_path):
     cmd, env = _cli(generator_dir, tmp_path, "ddp", "trainer=ddp_cpu")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
