@@ -121,12 +121,16 @@ def clear_stage(out_dir: Path, artifacts: Iterable[str] = (), keep_checkpoints: 
     (files or folders, e.g. ``teacher.ckpt``), so a rerun that dies is never reported with the old numbers and a
     later stage cannot load a model whose numbers are gone. Call it only once the new run has built its config,
     data, model and Trainer: a rerun that fails on any of those must leave the finished run as it was.
-    ``keep_checkpoints``: a resumed run keeps ``checkpoints/`` and its CSV log."""
+    ``keep_checkpoints``: a resumed run keeps ``checkpoints/``; its CSV log so far moves to
+    ``csv/metrics.part<N>.csv``."""
     import shutil
 
     names = [DONE_MARKER, "metrics.json", *artifacts]
     if not keep_checkpoints:
         names += ["checkpoints", "csv"]
+    elif (out_dir / "csv" / "metrics.csv").is_file():  # Lightning's CSV logger deletes it when the run resumes
+        part = len(list((out_dir / "csv").glob("metrics.part*.csv"))) + 1
+        os.replace(out_dir / "csv" / "metrics.csv", out_dir / "csv" / f"metrics.part{part}.csv")
     for name in names:
         path = out_dir / name
         if path.is_dir() and not path.is_symlink():
