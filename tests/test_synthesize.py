@@ -156,6 +156,21 @@ def test_another_config_in_the_same_folder_is_an_error_unless_overwrite(tiny_cfg
                                          "synthesis.overwrite=false"))["images"] == 8
 
 
+@pytest.mark.parametrize("bad", [["synthesis.overwrite=true", "synthesis.sample.steps=3", "trainer.devices=0"],
+                                 ["synthesis.overwrite=true", "synthesis.sample.sampler=nope"],
+                                 ["force=true", "trainer.devices=0"]])
+def test_a_failing_rerun_keeps_the_finished_set(tiny_cfg, generator_dir, bad):
+    """overwrite=true / force=true replace a set only once the new run has built its sampler and Trainer."""
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8)))
+    out = Path(tiny_cfg().paths.run_dir) / "synthesize"
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(ConfigError, match=r"trainer|synthesis\.sample\.sampler"):
+        run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8), *bad))
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
 def test_plan_scale_and_fill_rare_follow_the_real_train_set(tiny_cfg, generator_dir):
     """scale x len(real train) faces; fill_rare gives the rare real classes the most synthetic faces."""
     import numpy as np
