@@ -201,8 +201,9 @@ def build_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list[Logger]:
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
     wb = cfg.logger.wandb
+    require(wb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
+            f"must be offline|online|disabled, got {wb.mode}")
     if wb.enabled and wb.mode != "disabled":
-        require(wb.mode in ("offline", "online"), "logger.wandb.mode", f"must be offline|online|disabled, got {wb.mode}")
         loggers.append(WandbLogger(
             save_dir=str(out_dir), project=wb.project, entity=wb.entity, group=wb.group,
             name=_run_name(cfg, stage), job_type=stage, tags=list(wb.tags), offline=wb.mode == "offline",

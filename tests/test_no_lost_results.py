@@ -47,6 +47,8 @@ BAD_RERUNS = {  # id -> (overrides, the error it must end in, what the error nam
     "unknown backbone": (lambda t: ["teacher.model.backbone=resnet_nope"], ConfigError, "teacher.model.backbone"),
     "unknown model key": (lambda t: ["+teacher.model.bogus=1"], ConfigError, "teacher.model"),
     "max_epochs=0": (lambda t: ["teacher.max_epochs=0"], ConfigError, "teacher.max_epochs"),
+    "wandb mode typo, wandb off": (lambda t: ["logger.wandb.enabled=false", "logger.wandb.mode=ofline"], ConfigError,
+                                   "logger.wandb.mode"),
 }
 
 
@@ -79,6 +81,7 @@ def test_a_failing_student_rerun_keeps_the_finished_run(tiny_cfg, tmp_path, over
     (["data=fer2013", "data.root=/nowhere/fer"], (ConfigError, DataError), "data"),
     (["trainer.devices=0"], ConfigError, "trainer"),
     (["+generator.model.bogus=1"], ConfigError, "generator.model"),
+    (["generator.eval.enabled=false", "generator.eval.per_class=0"], ConfigError, "generator.eval.per_class"),
 ])
 def test_a_failing_generator_rerun_keeps_the_finished_generator(tiny_cfg, tmp_path, overrides, error, named):
     from lightning_modules.stages.generator_stage import run_generator_stage

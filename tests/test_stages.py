@@ -112,6 +112,8 @@ def test_pipeline_config_errors(tiny_cfg):
         train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[teacher,paint]"))
     with pytest.raises(ConfigError, match=r"pipeline\.students"):
         train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[students]", "pipeline.students=null"))
+    with pytest.raises(ConfigError, match=r"pipeline\.reuse_wait_seconds"):  # checked with reuse off too
+        train.run_stage(tiny_cfg("stage=pipeline", "pipeline.reuse_wait_seconds=-5"))
     # a student's bad mix stops the pipeline before its first step (the teacher) runs
     with pytest.raises(ConfigError, match=r"mix\.ratio"):
         train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[teacher,students]",

@@ -45,10 +45,11 @@ def check_generator_config(cfg: DictConfig) -> None:
     require(int(gen.grids.every_n_steps) >= 0, "generator.grids.every_n_steps",
             f"must be >= 0, got {gen.grids.every_n_steps}")
     require(int(gen.grids.seeds) >= 1, "generator.grids.seeds", f"must be >= 1, got {gen.grids.seeds}")
-    if gen.eval.enabled:
-        require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
-        lo, hi = gen.eval.intensity_range
-        require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+    # checked whether or not the evaluation is on: a typo must not wait for the run that turns it on
+    require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
+    span = list(gen.eval.intensity_range)
+    require(len(span) == 2 and 0 < span[0] <= span[1], "generator.eval.intensity_range",
+            f"must be [lo, hi] with 0 < lo <= hi, got {span}")
     guidance = semantic_guidance(gen.guidance)
     require(not (guidance.au_scale > 0 and not model.au_adapter), "generator.guidance.au_scale",
             "AU guidance needs the AU adapter (generator.model.au_adapter=true)")

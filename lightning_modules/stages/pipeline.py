@@ -138,10 +138,10 @@ def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig, 
 def run_pipeline(cfg: DictConfig) -> dict:
     reuse = OmegaConf.select(cfg, "pipeline.reuse", default=None)
     wait = OmegaConf.select(cfg, "pipeline.reuse_wait_seconds", default=1800)
+    require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
+            "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")  # also without reuse
     if reuse is not None:
         require(Path(str(reuse)).is_dir(), "pipeline.reuse", f"no run folder {reuse}")
-        require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
-                "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")
     results = {}
     for label, step in _plan(cfg):
         out_dir, digest, run, step_cfg = step()

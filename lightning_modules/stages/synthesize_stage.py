@@ -56,6 +56,7 @@ def check_synthesis_config(cfg: DictConfig) -> None:
     require(int(syn.chunk_size) >= 1, "synthesis.chunk_size", f"must be >= 1, got {syn.chunk_size}")
     require(int(syn.batch_size) >= 1, "synthesis.batch_size", f"must be >= 1, got {syn.batch_size}")
     require(int(syn.num_workers) >= 0, "synthesis.num_workers", f"must be >= 0, got {syn.num_workers}")
+    check_sample_settings(cfg)
     plan_config(cfg)
     guidance = synthesis_guidance(cfg)
     if guidance.enabled:
@@ -271,15 +272,20 @@ def load_synthesizer(cfg: DictConfig, vocab):
     return pipe, guidance, guide
 
 
-def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+def check_sample_settings(cfg: DictConfig) -> None:
     from lightning_modules.generator_pipeline import SAMPLERS
-    from lightning_modules.synthesis import SynthesisModule
 
     sample = OmegaConf.to_container(cfg.synthesis.sample, resolve=True)
     require(sample.get("sampler", "ddim") in SAMPLERS, "synthesis.sample.sampler",
             f"must be one of {SAMPLERS}, got {sample.get('sampler')!r}")
     require(int(sample.get("steps", 25)) >= 1, "synthesis.sample.steps", f"must be >= 1, got {sample.get('steps')}")
-    return SynthesisModule(pipe, sample, guidance, guide)
+
+
+def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+    from lightning_modules.synthesis import SynthesisModule
+
+    check_sample_settings(cfg)
+    return SynthesisModule(pipe, OmegaConf.to_container(cfg.synthesis.sample, resolve=True), guidance, guide)
 
 
 def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int):
