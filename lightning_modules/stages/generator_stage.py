@@ -3,7 +3,6 @@ pipeline directory (+ AU adapter), draw sample grids, and score generated faces 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +16,6 @@ from lightning_modules import runtime
 from lightning_modules.runtime import ConfigError, require
 
 HASH_KEYS = ["data", "generator", "trainer", "seed"]
-RESUME_STATE = runtime.RESUME_STATE
 # Settings that do not change the training trajectory: raising max_steps continues a finished or killed run.
 RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "guidance", "resume", "checkpoint_every_n_steps")
 

@@ -3,7 +3,6 @@ the ensemble vote (voting.py) turns their probabilities into hard / soft / dropp
 set is written with a data card. Nothing is deleted: dropped faces stay with ``kept = false``."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 

@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
