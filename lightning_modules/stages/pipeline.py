@@ -160,6 +160,6 @@ def run_pipeline(cfg: DictConfig) -> dict:
         metrics = run() or {}
         results[label] = "skipped" if metrics.get("skipped") else "ran"
     report = run_report(cfg)
-    print(f"\nReport: {Path(report['report_dir']) / 'results.md'}")
+    log.info("Report: %s", Path(report["report_dir"]) / "results.md")
     return {**results, **report}
 
