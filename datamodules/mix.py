@@ -13,6 +13,7 @@ batches (a few samples are then seen twice in that epoch).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -20,12 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
+from datamodules.errors import DataError
 from datamodules.batch import RecordDataset, collate_fer
 from datamodules.real import RealFERDataModule
 from datamodules.synthetic import SyntheticFERDataset
 from datamodules.transforms import AugmentConfig, train_transform
 
 MODES = ("real_only", "synthetic_only", "concat", "ratio")
+MIX_KEYS = ("mode", "synthetic", "scale", "ratio", "class_balance", "use_relabel", "kept_only",
+            "synthetic_augment", "seed")
 
 
 def _stream(n: int, length: int, gen: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -100,28 +104,63 @@ class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield real[b].tolist() + syn[b].tolist()
 
 
+def augment_config(values: dict) -> AugmentConfig:
+    try:
+        return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"mix.synthetic_augment: {err}") from err
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_mix(**mix: Any) -> None:
+    """Every ``mix`` key, whatever the mode (a value the mode ignores is still a typo to report); ValueError
+    messages start with the key (``mix.ratio must ...``)."""
+    unknown = sorted(set(mix) - set(MIX_KEYS))
+    if unknown:
+        raise ValueError(f"mix.{unknown[0]} is not a mix setting (known: {', '.join(MIX_KEYS)})")
+    mode, scale, ratio = mix.get("mode", "real_only"), mix.get("scale", 1.0), mix.get("ratio", 0.5)
+    if mode not in MODES:
+        raise ValueError(f"mix.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if scale is not None and (not _number(scale) or scale < 0):
+        raise ValueError(f"mix.scale must be a number >= 0 (synthetic size = scale × real train size) or null, "
+                         f"got {scale!r}")
+    if not _number(ratio) or not 0 < ratio < 1:
+        raise ValueError(f"mix.ratio must be in (0, 1), got {ratio!r} (ratio 1 is mix.mode=synthetic_only, ratio 0 "
+                         "is mix.mode=real_only; the value is checked in every mode)")
+    for key in ("class_balance", "use_relabel", "kept_only"):
+        if not isinstance(mix.get(key, False), bool):
+            raise ValueError(f"mix.{key} must be true or false, got {mix[key]!r}")
+    if not isinstance(mix.get("seed", 0), int) or isinstance(mix.get("seed", 0), bool):
+        raise ValueError(f"mix.seed must be an integer, got {mix['seed']!r}")
+    synthetic = mix.get("synthetic")
+    if synthetic is not None and not (isinstance(synthetic, (str, os.PathLike)) or (
+            isinstance(synthetic, (list, tuple)) and all(isinstance(p, (str, os.PathLike)) for p in synthetic))):
+        raise ValueError(f"mix.synthetic must be a folder, a list of folders or null, got {synthetic!r}")
+    augment = mix.get("synthetic_augment")
+    if augment is not None:
+        if not isinstance(augment, dict):
+            raise ValueError(f"mix.synthetic_augment must be a mapping of augmentation settings or null, "
+                             f"got {augment!r}")
+        augment_config(augment)
+    if mode in ("synthetic_only", "ratio") and scale == 0:
+        raise ValueError(f"mix.scale must be > 0 for mix.mode={mode} (it sets the synthetic set size)")
+    if mode != "real_only" and not synthetic:
+        raise ValueError(f"mix.synthetic must name synthetic set folder(s) for mix.mode={mode}")
+
+
 class MixedFERDataModule(L.LightningDataModule):
     def __init__(self, real: RealFERDataModule, synthetic: str | Sequence[str] | None = None,
                  mode: str = "real_only", scale: Optional[float] = 1.0, ratio: float = 0.5, class_balance: bool = False,
                  use_relabel: bool = True, kept_only: bool = True, synthetic_augment: Optional[dict] = None,
                  seed: int = 0):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mix.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if scale is not None and scale < 0:
-            raise ValueError(f"mix.scale must be >= 0 (synthetic size = scale × real train size), got {scale}")
-        if mode == "ratio" and not 0 < ratio < 1:
-            raise ValueError(f"mix.ratio must be in (0, 1) for mix.mode=ratio, got {ratio} (ratio 1 is "
-                             "mix.mode=synthetic_only, ratio 0 is mix.mode=real_only)")
-        if mode in ("synthetic_only", "ratio") and scale == 0:
-            raise ValueError(f"mix.scale must be > 0 for mix.mode={mode} (it sets the synthetic set size)")
-        if mode != "real_only" and not synthetic:
-            raise ValueError(f"mix.synthetic must name synthetic set folder(s) for mix.mode={mode}")
-        try:
-            self.synthetic_augment = (real.augment if synthetic_augment is None else AugmentConfig(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in synthetic_augment.items()}))
-        except TypeError as err:
-            raise ValueError(f"mix.synthetic_augment: {err}") from err
+        check_mix(mode=mode, synthetic=synthetic, scale=scale, ratio=ratio, class_balance=class_balance,
+                  use_relabel=use_relabel, kept_only=kept_only, synthetic_augment=synthetic_augment, seed=seed)
+        self.synthetic_augment = (real.augment if synthetic_augment is None
+                                  else augment_config(synthetic_augment))
         # scale None = every (kept) face of the set, e.g. the pipeline's mixed student after a vote dropped some
         self.real, self.mode, self.ratio = real, mode, float(ratio)
         self.scale = None if scale is None else float(scale)
@@ -142,8 +181,9 @@ class MixedFERDataModule(L.LightningDataModule):
 
         try:
             data = load_synthetic(self.synthetic)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"mix.synthetic: cannot read {self.synthetic}: {err}") from err
+        except (FileNotFoundError, ValueError) as err:  # a damaged shard stays a DataError (it names the file)
+            kind = DataError if isinstance(err, DataError) else ValueError
+            raise kind(f"mix.synthetic: cannot read {self.synthetic}: {err}") from err
         cols = data.column_names
         usable = (np.flatnonzero(np.asarray(data["kept"], dtype=bool)) if self.kept_only and "kept" in cols
                   else np.arange(len(data)))

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.errors import DataError, DataFileNotFound
 from datamodules.transforms import eval_transform
 
 MANIFEST = "manifest.json"
@@ -44,13 +45,55 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"not a synthetic set (no {MANIFEST}): {directory}")
+        raise DataFileNotFound(f"not a synthetic set (no {MANIFEST}): {directory}")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"corrupt {path}: {err}") from err
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"{path} is not a {FORMAT} manifest")
+        raise DataError(f"corrupt {path}: {err}") from err
+    if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
+            or not isinstance(manifest.get("shards"), list)
+            or not all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+                       for s in manifest["shards"])):
+        raise DataError(f"{path} is not a {FORMAT} manifest")
+    return manifest
+
+
+def repair_hint(manifest: Optional[dict]) -> str:
+    """How to get an intact copy of a set, by the stage that wrote it (its manifest's ``meta``)."""
+    meta = (manifest or {}).get("meta", {})
+    if "fingerprint" in meta:
+        return "rerun stage=synthesize with the same config: it verifies the set and redoes the damaged shards"
+    if "voters" in meta:
+        return "rerun stage=relabel (it writes the relabelled set again)"
+    return "rerun the stage that wrote this set (stage=synthesize redoes damaged shards of its sets)"
+
+
+def open_shard(directory: str | Path, shard: dict, manifest: Optional[dict] = None):
+    """One listed shard, memory-mapped (its Arrow metadata is read, no image is decoded). A missing, unreadable
+    (e.g. truncated) or short shard is a DataError naming the shard's files and the fix."""
+    from datasets import load_from_disk
+
+    path = Path(directory) / "shards" / shard["name"]
+    hint = repair_hint(manifest)
+    if not path.is_dir():
+        raise DataFileNotFound(f"shard listed in {Path(directory) / MANIFEST} is missing: {path}; {hint}")
+    try:
+        part = load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # pyarrow's own errors name no file
+        files = ", ".join(str(f) for f in sorted(path.glob("*.arrow"))) or f"{path} (no .arrow file)"
+        raise DataError(f"synthetic shard {files} cannot be read ({type(err).__name__}: {err}); {hint}") from err
+    if len(part) != shard["count"]:
+        raise DataError(f"shard {path} has {len(part)} rows, the manifest says {shard['count']}; {hint}")
+    return part
+
+
+def verify_synthetic(directory: str | Path) -> dict:
+    """A set is intact when its manifest parses and every listed shard is there, readable and holds the listed
+    number of rows (checked without decoding images). Returns the manifest; DataError / DataFileNotFound naming
+    the file otherwise."""
+    manifest = read_manifest(directory)
+    for shard in manifest["shards"]:
+        open_shard(directory, shard, manifest)
     return manifest
 
 
@@ -120,19 +163,16 @@ def check_shards(directory: str | Path) -> tuple[list[str], list[str]]:
     """Make a set consistent after a kill: listed shards that are missing, unreadable or short are unlisted (to be
     redone), half-written ``.tmp`` folders and shard folders the manifest does not list are removed.
     Returns (good shard names, dropped shard names)."""
-    from datasets import load_from_disk
-
     directory = Path(directory)
     with manifest_lock(directory):
         manifest = read_manifest(directory)
         good, dropped = [], []
         for shard in manifest["shards"]:
-            path = directory / "shards" / shard["name"]
             try:
-                ok = len(load_from_disk(str(path))) == shard["count"]
-            except Exception:  # noqa: BLE001 - any unreadable shard is redone, whatever the reader raised
-                ok = False
-            (good if ok else dropped).append(shard)
+                open_shard(directory, shard)
+                good.append(shard)
+            except DataError:
+                dropped.append(shard)
         listed = {s["name"] for s in good}
         for path in sorted((directory / "shards").glob("*")) if (directory / "shards").is_dir() else []:
             if path.name not in listed:
@@ -173,7 +213,7 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
     """One ``datasets.Dataset`` over the shards listed in the manifests of one or several synthetic sets; shard
     counts are checked against the manifest (a truncated shard is an error naming it). A set whose synthesis has
     not finished is read with a warning (``allow_incomplete``: silently)."""
-    from datasets import concatenate_datasets, load_from_disk
+    from datasets import concatenate_datasets
 
     if isinstance(directories, (str, Path)):
         directories = [directories]
@@ -185,19 +225,13 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
                           f"{manifest['meta'].get('plan_size', '?')} samples): its stage=synthesize run has not "
                           "finished; rerun the same command to complete it")
         for shard in manifest["shards"]:
-            path = Path(directory) / "shards" / shard["name"]
-            if not path.is_dir():
-                raise FileNotFoundError(f"shard listed in {Path(directory) / MANIFEST} is missing: {path}")
-            part = load_from_disk(str(path))
-            if len(part) != shard["count"]:
-                raise ValueError(f"shard {path} has {len(part)} rows, the manifest says {shard['count']}")
-            parts.append(part)
+            parts.append(open_shard(directory, shard, manifest))
     if not parts:
-        raise ValueError(f"no shards in {list(map(str, directories))}")
+        raise DataError(f"no shards in {list(map(str, directories))}")
     dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
-        raise ValueError(f"synthetic set {list(map(str, directories))} lacks columns {missing}")
+        raise DataError(f"synthetic set {list(map(str, directories))} lacks columns {missing}")
     return dataset
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -15,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 DONE_MARKER = "stage_done.json"
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -114,15 +116,66 @@ def mark_done(out_dir: Path, digest: str, **extra: Any) -> None:
     write_json_atomic(out_dir / DONE_MARKER, {"config_hash": digest, "finished": time.time(), **extra})
 
 
-def clear_stage(out_dir: Path) -> None:
-    """Forget a previous run of this stage (done-marker, metrics, checkpoints, CSV log), so that a rerun that dies
-    is never reported with the old run's numbers."""
+def clear_stage(out_dir: Path, artifacts: Iterable[str] = (), keep_checkpoints: bool = False) -> None:
+    """Forget a previous run of this stage: done marker, metrics, checkpoints, CSV log and the stage's ``artifacts``
+    (files or folders, e.g. ``teacher.ckpt``), so a rerun that dies is never reported with the old numbers and a
+    later stage cannot load a model whose numbers are gone. Call it only once the new run has built its config,
+    data, model and Trainer: a rerun that fails on any of those must leave the finished run as it was.
+    ``keep_checkpoints``: a resumed run keeps ``checkpoints/``; its CSV log so far moves to
+    ``csv/metrics.part<N>.csv``."""
     import shutil
 
-    for name in (DONE_MARKER, "metrics.json"):
-        (out_dir / name).unlink(missing_ok=True)
-    for stale in ("checkpoints", "csv"):
-        shutil.rmtree(out_dir / stale, ignore_errors=True)
+    names = [DONE_MARKER, "metrics.json", *artifacts]
+    if not keep_checkpoints:
+        names += ["checkpoints", "csv"]
+    elif (out_dir / "csv" / "metrics.csv").is_file():  # Lightning's CSV logger deletes it when the run resumes
+        part = len(list((out_dir / "csv").glob("metrics.part*.csv"))) + 1
+        os.replace(out_dir / "csv" / "metrics.csv", out_dir / "csv" / f"metrics.part{part}.csv")
+    for name in names:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+RESUME_STATE = "resume_state.json"
+
+
+def resume_checkpoint(out_dir: Path, digest: str, enabled: bool = True) -> tuple[Optional[Path], str]:
+    """``(checkpoints/last.ckpt, "")`` when an unfinished earlier run of this stage had the resume key ``digest``,
+    else ``(None, why it starts from scratch)``. Read-only: the caller records the new key with
+    ``start_resumable`` once the run is about to start."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not enabled:
+        return None, "resuming is off"
+    if not last.is_file():
+        return None, "no checkpoint of an earlier run"
+    try:
+        same = json.loads((out_dir / RESUME_STATE).read_text()).get("config_hash") == digest
+    except (FileNotFoundError, json.JSONDecodeError):
+        same = False
+    if not same:
+        return None, f"the config changed since {last} was written"
+    return last, ""
+
+
+def start_resumable(out_dir: Path, digest: str) -> None:
+    """Record the resume key of the run that starts now (after ``clear_stage`` on a fresh start)."""
+    write_json_atomic(out_dir / RESUME_STATE, {"config_hash": digest})
+
+
+def log_start(stage: str, resume: Optional[Path], why: str) -> None:
+    """One rank-zero line: which checkpoint the stage resumes (epoch, step), or why it starts from scratch."""
+    if not is_rank_zero():
+        return
+    if resume is None:
+        log.info("%s: starting from scratch (%s)", stage, why)
+        return
+    import torch
+
+    state = torch.load(resume, map_location="cpu", weights_only=False, mmap=True)
+    log.info("%s: resuming from %s (epoch %s, step %s)", stage, resume, state.get("epoch"), state.get("global_step"))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -148,8 +201,9 @@ def build_loggers(cfg: DictConfig, out_dir: Path, stage: str) -> list[Logger]:
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
     wb = cfg.logger.wandb
+    require(wb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
+            f"must be offline|online|disabled, got {wb.mode}")
     if wb.enabled and wb.mode != "disabled":
-        require(wb.mode in ("offline", "online"), "logger.wandb.mode", f"must be offline|online|disabled, got {wb.mode}")
         loggers.append(WandbLogger(
             save_dir=str(out_dir), project=wb.project, entity=wb.entity, group=wb.group,
             name=_run_name(cfg, stage), job_type=stage, tags=list(wb.tags), offline=wb.mode == "offline",
@@ -200,9 +254,20 @@ def build_trainer(cfg: DictConfig, out_dir: Path, stage: str, max_epochs: int, m
                                          every_n_train_steps=checkpoint_every_n_steps, filename="step-{step:06d}"))
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step" if max_steps >= 1 else "epoch"))
-    trainer = L.Trainer(default_root_dir=str(out_dir), max_epochs=max_epochs, max_steps=max_steps,
-                        logger=loggers or False, callbacks=callbacks, **trainer_args)
+    trainer = make_trainer(default_root_dir=str(out_dir), max_epochs=max_epochs, max_steps=max_steps,
+                           logger=loggers or False, callbacks=callbacks, **trainer_args)
     return trainer, loggers
+
+
+def make_trainer(**kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; an argument Lightning rejects (``trainer.devices=0``, an unknown key) is a
+    ConfigError naming the ``trainer`` group."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError("trainer", str(err)) from err
 
 
 def record_stage(trainer: L.Trainer, out_dir: Path, metrics: dict[str, Any], digest: str) -> None:

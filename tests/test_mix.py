@@ -353,24 +353,51 @@ def test_lightning_calls_set_epoch_on_the_batch_sampler(sets):
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def test_bad_config_errors_name_the_key(sets, tmp_path):
-    with pytest.raises(ValueError, match=r"^mix\.mode must be one of"):
-        MixedFERDataModule(make_real(), mode="mixed")
-    with pytest.raises(ValueError, match=r"^mix\.synthetic must"):
-        MixedFERDataModule(make_real(), mode="concat")
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "mixed"}, r"^mix\.mode must be one of"),
+    ({"mode": "concat"}, r"^mix\.synthetic must name"),
+    ({"mode": "concat", "scale": -1}, r"^mix\.scale must be a number >= 0"),
+    ({"mode": "synthetic_only", "scale": 0}, r"^mix\.scale must be > 0 for mix\.mode=synthetic_only"),
+    # values the mode ignores are still checked: a typo must not pass silently
+    ({"mode": "real_only", "ratio": 1.5}, r"^mix\.ratio must be in \(0, 1\)"),
+    ({"mode": "real_only", "ratio": 0}, r"^mix\.ratio must be in \(0, 1\)"),
+    ({"mode": "real_only", "scale": -0.5}, r"^mix\.scale must be a number >= 0"),
+    ({"mode": "real_only", "scale": "big"}, r"^mix\.scale must be a number"),
+    ({"mode": "real_only", "class_balance": "yes"}, r"^mix\.class_balance must be true or false"),
+    ({"mode": "real_only", "synthetic_augment": {"rotation_deg": 500}}, r"^mix\.synthetic_augment: .*rotation_deg"),
+    ({"mode": "real_only", "synthetic_augment": {"sharpen": 1}}, r"^mix\.synthetic_augment: .*sharpen"),
+    ({"mode": "real_only", "seed": 1.5}, r"^mix\.seed must be an integer"),
+])
+def test_bad_config_errors_name_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MixedFERDataModule(make_real(), **kwargs)
+
+
+def test_unknown_mix_key_and_unreadable_sets(tmp_path):
+    from datamodules.errors import DataError
+    from datamodules.mix import check_mix
+
+    with pytest.raises(ValueError, match=r"^mix\.sclae is not a mix setting"):
+        check_mix(mode="real_only", sclae=2)
     with pytest.raises(ValueError, match=r"^mix\.synthetic: cannot read"):
         mixed(tmp_path / "nowhere", mode="concat")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"^mix\.synthetic: cannot read"):
+    with pytest.raises(DataError, match=r"^mix\.synthetic: cannot read .*corrupt"):
         mixed(tmp_path / "bad", mode="ratio")
-    with pytest.raises(ValueError, match=r"^mix\.scale must be >= 0"):
-        MixedFERDataModule(make_real(), str(sets["plain"][0]), mode="concat", scale=-1)
-    with pytest.raises(ValueError, match=r"^mix\.scale must be > 0 for mix\.mode=synthetic_only"):
-        MixedFERDataModule(make_real(), str(sets["plain"][0]), mode="synthetic_only", scale=0)
     dm = MixedFERDataModule(make_real(), mode="real_only")  # real_only needs no synthetic set
     dm.setup("fit")
     assert dm.summary()["mix"]["synthetic_size"] == 0 and dm.summary()["train_size"] == N_REAL
+
+
+def test_truncated_shard_is_a_data_error_naming_the_file(tmp_path):
+    from datamodules.errors import DataError
+
+    write_set(tmp_path / "syn", [i % K for i in range(48)])
+    arrow = next((tmp_path / "syn" / "shards" / "shard-00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-40])
+    with pytest.raises(DataError, match=rf"{arrow}.*cannot be read"):
+        mixed(tmp_path / "syn", mode="concat", scale=0.5)
 
 
 def test_synthetic_labels_outside_protocol(sets):

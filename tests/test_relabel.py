@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,47 @@ def test_relabel_config_errors(tiny_cfg, voters, synthetic_set, override, key):
     cfg = tiny_cfg(*_relabel_overrides(directory, voters), override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run_relabel_stage(cfg)
+
+
+def _truncate_shard(directory: Path) -> Path:
+    arrow = next((directory / "shards" / "shard-00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-64])
+    return arrow
+
+
+def test_a_truncated_shard_is_a_data_error_naming_its_file(synthetic_set):
+    """pyarrow's own error names no file; the store's names the shard and the fix."""
+    from datamodules.errors import DataError
+    from datamodules.synthetic import verify_synthetic
+
+    directory, _ = synthetic_set
+    arrow = _truncate_shard(directory)
+    for read in (load_synthetic, verify_synthetic):
+        with pytest.raises(DataError, match=rf"synthetic shard {re.escape(str(arrow))} cannot be read .*rerun"):
+            read(directory)
+
+
+def test_a_failing_relabel_rerun_keeps_the_finished_run(tiny_cfg, voters, synthetic_set):
+    from datamodules.errors import DataError
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    directory, _ = synthetic_set
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters))
+    run_relabel_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "relabel"
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert {"stage_done.json", "metrics.json", "data_card.json", "dataset/manifest.json"} <= set(before)
+    with pytest.raises(ConfigError, match="trainer"):
+        run_relabel_stage(tiny_cfg(*_relabel_overrides(directory, voters), "trainer.devices=0"))
+    assert snapshot() == before
+    arrow = _truncate_shard(directory)           # its input damaged: refused before anything is cleared
+    with pytest.raises(DataError, match=re.escape(str(arrow))):
+        run_relabel_stage(cfg)
+    assert snapshot() == before
 
 
 @pytest.mark.slow

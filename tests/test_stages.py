@@ -1,5 +1,6 @@
 """Stages end to end on tiny toy data: outputs, metrics, pipeline skip/resume, report."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
     for name in ("config.yaml", "metrics.json", "teacher.ckpt", "confusion_matrix.png", "stage_done.json"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= saved["test/acc"] <= 1.0 and "test/macro_f1" in saved and "test/mean_class_acc" in saved
+    assert "test/macro_f1" in saved and "test/mean_class_acc" in saved
     assert saved["data/train_size"] == 96 and saved["data/test_size"] == 48
     assert all(not isinstance(v, dict) for v in saved.values())  # flat
     assert (out / "csv" / "metrics.csv").is_file()
@@ -30,6 +31,21 @@ def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
         pred = teacher(torch.zeros(2, 3, 32, 32))
     assert pred["logits"].shape == (2, 8) and pred["aus"].shape == (2, 12)
     assert float(pred["aus"].min()) >= 0 and float(pred["aus"].max()) <= 5
+    # the reported numbers are the saved teacher's on the real test split: recomputed from the checkpoint
+    from lightning_modules.stages.classifier_stage import build_datamodule
+
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("test")
+    teacher.eval()
+    with torch.no_grad():
+        batches = list(datamodule.test_dataloader())
+        predicted = torch.cat([teacher(b["image"])["logits"].argmax(-1) for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert len(labels) == 48 and saved["test/acc"] == pytest.approx((predicted == labels).float().mean().item(),
+                                                                     abs=1e-6)
+    matrix = torch.load(out / "confusion_matrix.pt")
+    assert int(matrix.sum()) == 48 and torch.equal(matrix.diagonal(), torch.bincount(labels[predicted == labels],
+                                                                                      minlength=8))
 
 
 def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
@@ -97,6 +113,26 @@ def test_pipeline_config_errors(tiny_cfg):
         train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[teacher,paint]"))
     with pytest.raises(ConfigError, match=r"pipeline\.students"):
         train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[students]", "pipeline.students=null"))
+    with pytest.raises(ConfigError, match=r"pipeline\.reuse_wait_seconds"):  # checked with reuse off too
+        train.run_stage(tiny_cfg("stage=pipeline", "pipeline.reuse_wait_seconds=-5"))
+    # a student's bad mix stops the pipeline before its first step (the teacher) runs
+    with pytest.raises(ConfigError, match=r"mix\.ratio"):
+        train.run_stage(tiny_cfg("stage=pipeline", "pipeline.stages=[teacher,students]",
+                                 "+pipeline.students.typo={mode: real_only, ratio: 1.5}"))
+    assert not (Path(tiny_cfg().paths.run_dir) / "teacher").exists()
+
+
+def test_pipeline_does_not_skip_a_finished_step_whose_set_was_damaged(tmp_path, caplog):
+    from lightning_modules.stages.pipeline import outputs_intact
+    from test_relabel import write_toy_synthetic_set
+
+    write_toy_synthetic_set(tmp_path / "synthesize" / "dataset", n=8, shards=2)
+    assert outputs_intact("synthesize", tmp_path / "synthesize")
+    arrow = next((tmp_path / "synthesize" / "dataset" / "shards" / "shard-00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-64])
+    assert not outputs_intact("synthesize", tmp_path / "synthesize")
+    assert str(arrow) in caplog.text and "running it again" in caplog.text
+    assert outputs_intact("teacher", tmp_path / "teacher")  # no set to verify
 
 
 def test_report_without_runs_is_a_clear_error(tiny_cfg):

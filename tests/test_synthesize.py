@@ -59,7 +59,7 @@ def _image_bytes(directory: Path) -> list[tuple[str, bytes]]:
     return list(zip(dataset["sample_id"], (img["bytes"] for img in dataset["image"])))
 
 
-def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, generator_dir, capsys):
+def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, generator_dir, caplog):
     from datamodules.plans import build_plan
     from lightning_modules.stages.synthesize_stage import plan_config, run_synthesize_stage
 
@@ -83,9 +83,9 @@ def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, gene
     assert sum(metrics["class_counts"]) == 20
     # the same command again: nothing is regenerated
     stamp = (out / MANIFEST).stat().st_mtime_ns
-    capsys.readouterr()
-    again = run_synthesize_stage(cfg)
-    assert "already holds all 20 samples" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="lightning_modules.stages.synthesize_stage"):
+        again = run_synthesize_stage(cfg)
+    assert "already holds all 20 samples" in caplog.text
     assert (out / MANIFEST).stat().st_mtime_ns == stamp and again["images"] == 20
     # force=true (as in stage=pipeline force=true) makes the set again, with the same bytes
     before = _image_bytes(out)
@@ -114,6 +114,35 @@ def test_damaged_missing_and_half_written_shards_are_redone(tiny_cfg, generator_
     assert not (shards / ".chunk-000000.tmp").exists()
 
 
+def _truncate_shard(out: Path) -> None:
+    arrow = next((out / "shards" / "chunk-000001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-64])
+
+
+def _delete_manifest(out: Path) -> None:
+    (out / MANIFEST).unlink()
+
+
+@pytest.mark.parametrize("damage, redone", [(_truncate_shard, 8), (_delete_manifest, 0)])
+def test_a_finished_set_damaged_afterwards_is_not_called_complete(tiny_cfg, generator_dir, caplog, damage, redone):
+    """The done marker says finished, the files say otherwise: the files win. A truncated shard is made again; a
+    deleted manifest is rebuilt from the intact shards (nothing regenerated)."""
+    from datamodules.synthetic import verify_synthetic
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    cfg = tiny_cfg(*_overrides(generator_dir))
+    run_synthesize_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "synthesize" / "dataset"
+    reference = _image_bytes(out)
+    damage(out)
+    with caplog.at_level("INFO", logger="lightning_modules.stages.synthesize_stage"):
+        metrics = run_synthesize_stage(cfg)
+    assert "already holds" not in caplog.text and "skipped" not in metrics
+    assert "damaged" in caplog.text or "lost its manifest.json" in caplog.text
+    assert metrics["generated_now"] == redone
+    assert verify_synthetic(out)["meta"]["complete"] is True and _image_bytes(out) == reference
+
+
 def test_another_config_in_the_same_folder_is_an_error_unless_overwrite(tiny_cfg, generator_dir):
     from lightning_modules.stages.synthesize_stage import run_synthesize_stage
 
@@ -125,6 +154,21 @@ def test_another_config_in_the_same_folder_is_an_error_unless_overwrite(tiny_cfg
     # settings that change no byte (progress, workers) do not count as another config
     assert run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8, steps=3), "synthesis.progress=true",
                                          "synthesis.overwrite=false"))["images"] == 8
+
+
+@pytest.mark.parametrize("bad", [["synthesis.overwrite=true", "synthesis.sample.steps=3", "trainer.devices=0"],
+                                 ["synthesis.overwrite=true", "synthesis.sample.sampler=nope"],
+                                 ["force=true", "trainer.devices=0"]])
+def test_a_failing_rerun_keeps_the_finished_set(tiny_cfg, generator_dir, bad):
+    """overwrite=true / force=true replace a set only once the new run has built its sampler and Trainer."""
+    from lightning_modules.stages.synthesize_stage import run_synthesize_stage
+
+    run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8)))
+    out = Path(tiny_cfg().paths.run_dir) / "synthesize"
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(ConfigError, match=r"trainer|synthesis\.sample\.sampler"):
+        run_synthesize_stage(tiny_cfg(*_overrides(generator_dir, size=8), *bad))
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
 
 
 def test_plan_scale_and_fill_rare_follow_the_real_train_set(tiny_cfg, generator_dir):
@@ -244,7 +288,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_set(generator_dir, uninterru
     assert 0 < written < 48 and read_manifest(manifest.parent)["meta"]["complete"] is False
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming" in rerun.stdout
+    assert "resuming" in rerun.stdout + rerun.stderr
     metrics = json.loads((tmp_path / "killed" / "synthesize" / "metrics.json").read_text())
     assert metrics["generated_now"] == 48 - written
     assert _image_bytes(manifest.parent) == uninterrupted

@@ -11,6 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.errors import DataError
 from lightning_modules import runtime
 from lightning_modules.runtime import require
 
@@ -65,6 +66,8 @@ def check_classifier_config(cfg: DictConfig, role: str) -> None:
     require(0 <= model.warmup_fraction < 1, f"{role}.model.warmup_fraction",
             f"must be in [0, 1), got {model.warmup_fraction}")
     require(int(cfg[role].max_epochs) >= 1, f"{role}.max_epochs", f"must be >= 1, got {cfg[role].max_epochs}")
+    if role == "student":
+        check_mix_config(cfg)
 
 
 def _check_timm(model: DictConfig, role: str) -> None:
@@ -121,17 +124,39 @@ def synthetic_sets(cfg: DictConfig) -> list[str]:
     return [str(chosen)] if isinstance(chosen, str) else [str(p) for p in chosen]
 
 
-def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The real datamodule inside a MixedFERDataModule (real only, synthetic only, concat or ratio per ``mix``)."""
-    from datamodules.mix import MixedFERDataModule
+def mix_error(err: ValueError) -> runtime.ConfigError:
+    """mix.py's messages start with the key, e.g. "mix.ratio must be ..."."""
+    return runtime.ConfigError(re.split(r"[ :=]", str(err), maxsplit=1)[0], str(err))
+
+
+def check_mix_config(cfg: DictConfig) -> None:
+    """Every ``mix`` key, in every mode, before any data is read."""
+    from datamodules.mix import check_mix
 
     mix = OmegaConf.to_container(cfg.mix, resolve=True)
+    if mix.get("mode") != "real_only" and mix.get("synthetic") is None:
+        mix["synthetic"] = synthetic_sets(cfg)
+    try:
+        check_mix(**mix)
+    except ValueError as err:
+        raise mix_error(err) from err
+
+
+def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The real datamodule inside a MixedFERDataModule (real only, synthetic only, concat or ratio per ``mix``),
+    set up for fit: the real splits and the synthetic rows are read (and the synthetic sets verified) here."""
+    from datamodules.mix import MixedFERDataModule
+    from datamodules.synthetic import verify_synthetic
+
+    check_mix_config(cfg)
+    mix = OmegaConf.to_container(cfg.mix, resolve=True)
     mix["synthetic"] = synthetic_sets(cfg) if mix["mode"] != "real_only" else None
-    if mix["mode"] != "real_only":  # a missing set must stop the run now, not after the real data is read
+    if mix["mode"] != "real_only":  # a missing or damaged set must stop the run now, not after the real data is read
         for path in mix["synthetic"]:
             require((Path(path) / "manifest.json").is_file(), "mix.synthetic",
                     f"no synthetic set at {path} (run stage=synthesize, and stage=relabel unless relabel.enabled="
                     "false)")
+            verify_synthetic(path)
     real = build_datamodule(cfg)
     try:
         datamodule = MixedFERDataModule(real, **mix)
@@ -139,31 +164,55 @@ def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     except TypeError as err:
         raise runtime.ConfigError("mix", str(err)) from err
     except ValueError as err:
-        if str(err).startswith("mix."):  # its messages start with the key, e.g. "mix.ratio must be ..."
-            raise runtime.ConfigError(re.split(r"[ :=]", str(err), maxsplit=1)[0], str(err)) from err
+        if str(err).startswith("mix.") and not isinstance(err, DataError):
+            raise mix_error(err) from err
         raise
     return datamodule
 
 
+def build_classifier(cfg: DictConfig, role: str, datamodule) -> L.LightningModule:
+    try:
+        return hydra.utils.instantiate(cfg[role].model, num_classes=datamodule.num_classes,
+                                       num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
+                                       _convert_="all")
+    except hydra.errors.InstantiationException as err:  # e.g. an unknown key: the model's own message
+        raise runtime.ConfigError(f"{role}.model", str(err.__cause__ or err)) from err
+
+
 def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     """Fit + test; writes config.yaml, checkpoints, <name>.ckpt (best), metrics.json, confusion_matrix.png into
-    ``<run_dir>/<name>/`` (``name`` = ``<role>.name``, default the role: teacher/, student/)."""
+    ``<run_dir>/<name>/`` (``name`` = ``<role>.name``, default the role: teacher/, student/).
+
+    Config, data (every split read), model and Trainer are built before anything of an earlier run is touched, so
+    a rerun that fails on any of them keeps the finished run. An unfinished run with the same config (killed)
+    resumes from ``checkpoints/last.ckpt``; ``force=true`` starts over."""
     check_classifier_config(cfg, role)
     name = output_name(cfg, role)
-    datamodule = build_student_datamodule(cfg) if role == "student" else build_datamodule(cfg)
-    out_dir = runtime.stage_dir(cfg, name)
-    runtime.clear_stage(out_dir)  # a rerun must not be mistaken for done, nor pick up stale checkpoints
-    runtime.save_resolved_config(cfg, out_dir)
+    if role == "student":
+        datamodule = build_student_datamodule(cfg)  # reads real + synthetic train data
+    else:
+        datamodule = build_datamodule(cfg)
+        datamodule.setup("fit")  # every split: a bad label file stops the run here
     L.seed_everything(int(cfg.seed), workers=True)
-    model = hydra.utils.instantiate(cfg[role].model, num_classes=datamodule.num_classes,
-                                    num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
-                                    _convert_="all")
+    model = build_classifier(cfg, role, datamodule)
+    out_dir = runtime.stage_dir(cfg, name)
     # the mixed datamodule deals its own per-rank samples (ratio batches would not survive Lightning's sampler)
     extra = {"use_distributed_sampler": False} if role == "student" else {}
     trainer, loggers = runtime.build_trainer(cfg, out_dir, name, int(cfg[role].max_epochs), **extra)
+    digest = done_digest(cfg, role)
+    # The digest keeps max_epochs: the one-cycle LR schedule spans the planned epochs, so a checkpoint of another
+    # length is not a point on this run's trajectory.
+    resume, why = runtime.resume_checkpoint(out_dir, digest, enabled=not cfg.get("force", False))
+    if resume is not None and runtime.is_done(out_dir, digest):
+        resume, why = None, "the earlier run with this config had finished; training again"
+    artifacts = (f"{name}.ckpt", "confusion_matrix.png", "confusion_matrix.pt")
+    runtime.clear_stage(out_dir, artifacts, keep_checkpoints=resume is not None)
+    runtime.start_resumable(out_dir, digest)
+    runtime.save_resolved_config(cfg, out_dir)
+    runtime.log_start(name, resume, why)
     start = time.time()
     try:
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         fit_s = time.time() - start
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -176,8 +225,9 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s, "epochs": trainer.current_epoch,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
                    "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
+                   "resumed_from": str(resume or ""),
                    "data": datamodule.summary(), "world_size": trainer.world_size,
                    "train_batches_per_epoch": trainer.num_training_batches}
         runtime.write_metrics(out_dir, metrics)
-        runtime.mark_done(out_dir, done_digest(cfg, role))
+        runtime.mark_done(out_dir, digest)
     return metrics

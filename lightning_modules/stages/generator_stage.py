@@ -3,7 +3,6 @@ pipeline directory (+ AU adapter), draw sample grids, and score generated faces 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +16,6 @@ from lightning_modules import runtime
 from lightning_modules.runtime import ConfigError, require
 
 HASH_KEYS = ["data", "generator", "trainer", "seed"]
-RESUME_STATE = "resume_state.json"
 # Settings that do not change the training trajectory: raising max_steps continues a finished or killed run.
 RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "guidance", "resume", "checkpoint_every_n_steps")
 
@@ -45,10 +43,11 @@ def check_generator_config(cfg: DictConfig) -> None:
     require(int(gen.grids.every_n_steps) >= 0, "generator.grids.every_n_steps",
             f"must be >= 0, got {gen.grids.every_n_steps}")
     require(int(gen.grids.seeds) >= 1, "generator.grids.seeds", f"must be >= 1, got {gen.grids.seeds}")
-    if gen.eval.enabled:
-        require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
-        lo, hi = gen.eval.intensity_range
-        require(0 < lo <= hi, "generator.eval.intensity_range", f"must satisfy 0 < lo <= hi, got {[lo, hi]}")
+    # checked whether or not the evaluation is on: a typo must not wait for the run that turns it on
+    require(int(gen.eval.per_class) >= 1, "generator.eval.per_class", f"must be >= 1, got {gen.eval.per_class}")
+    span = list(gen.eval.intensity_range)
+    require(len(span) == 2 and 0 < span[0] <= span[1], "generator.eval.intensity_range",
+            f"must be [lo, hi] with 0 < lo <= hi, got {span}")
     guidance = semantic_guidance(gen.guidance)
     require(not (guidance.au_scale > 0 and not model.au_adapter), "generator.guidance.au_scale",
             "AU guidance needs the AU adapter (generator.model.au_adapter=true)")
@@ -101,33 +100,16 @@ def resume_hash(cfg: DictConfig) -> str:
     return runtime.config_hash(trimmed, ["data", "generator", "trainer", "seed"])
 
 
-def _resume_checkpoint(cfg: DictConfig, out_dir: Path, digest: str) -> Path | None:
-    """checkpoints/last.ckpt of an unfinished run with the same config, if resuming is on."""
-    last = out_dir / "checkpoints" / "last.ckpt"
-    state = out_dir / RESUME_STATE
-    if not (cfg.generator.resume and last.is_file() and state.is_file()):
-        return None
-    try:
-        same = json.loads(state.read_text()).get("config_hash") == digest
-    except json.JSONDecodeError:
-        same = False
-    return last if same else None
-
-
 def run_generator_stage(cfg: DictConfig) -> dict:
+    """Config, data, model and Trainer are built before anything of an earlier run is touched (a rerun that fails
+    on any of them keeps the finished generator); a killed or extended run with the same trajectory settings
+    resumes from ``checkpoints/last.ckpt`` (``generator.resume``)."""
     from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
 
     check_generator_config(cfg)
     gen = cfg.generator
     out_dir = runtime.stage_dir(cfg, "generator")
     digest = runtime.config_hash(cfg, HASH_KEYS)
-    resume = _resume_checkpoint(cfg, out_dir, resume_hash(cfg))
-    if resume is None:
-        runtime.clear_stage(out_dir)
-        for stale in ("pipeline", "grids", "eval_set"):
-            shutil.rmtree(out_dir / stale, ignore_errors=True)
-    runtime.write_json_atomic(out_dir / RESUME_STATE, {"config_hash": resume_hash(cfg)})
-    runtime.save_resolved_config(cfg, out_dir)
     datamodule = build_generator_datamodule(cfg)
     L.seed_everything(int(cfg.seed), workers=True)
     model = build_generator(cfg, datamodule)
@@ -140,6 +122,13 @@ def run_generator_stage(cfg: DictConfig) -> dict:
         cfg, out_dir, "generator", int(gen.max_epochs), monitor=None, extra_callbacks=[grids],
         checkpoint_every_n_steps=int(gen.checkpoint_every_n_steps), max_steps=int(gen.max_steps),
         check_val_every_n_epoch=int(gen.val_every_n_epochs))
+    resume, why = runtime.resume_checkpoint(out_dir, resume_hash(cfg), enabled=bool(gen.resume))
+    # a resumed run makes a new pipeline too: the old one must not outlive its deleted metrics
+    runtime.clear_stage(out_dir, ["pipeline", "eval_set"] + (["grids"] if resume is None else []),
+                        keep_checkpoints=resume is not None)
+    runtime.start_resumable(out_dir, resume_hash(cfg))
+    runtime.save_resolved_config(cfg, out_dir)
+    runtime.log_start("generator", resume, why)
     start = time.time()
     metrics: dict = {}
     try:

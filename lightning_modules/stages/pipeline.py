@@ -90,9 +90,28 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
         steps.append(("relabel", lambda: (run_dir / "relabel", relabel_stage.done_digest(cfg),
                                           lambda: relabel_stage.run_relabel_stage(cfg), cfg)))
     if "students" in wanted:
-        for name, one in student_configs(cfg).items():
+        students = student_configs(cfg)
+        for one in students.values():  # a bad student mix stops the pipeline before its first step
+            classifier_stage.check_mix_config(one)
+        for name, one in students.items():
             steps.append((name, lambda one=one: _classifier(one, "student")))
     return steps
+
+
+def outputs_intact(label: str, out_dir: Path) -> bool:
+    """A finished step's synthetic set (synthesize/, relabel/) must still verify before the step counts as done:
+    one damaged afterwards is made again (synthesize redoes only the damaged shards)."""
+    from datamodules.errors import DataError
+    from datamodules.synthetic import verify_synthetic
+
+    if label not in ("synthesize", "relabel"):
+        return True
+    try:
+        verify_synthetic(out_dir / "dataset")
+    except DataError as err:
+        log.warning("pipeline: %s finished but its set is damaged, running it again: %s", label, err)
+        return False
+    return True
 
 
 def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig, wait_seconds: float = 1800) -> bool:
@@ -119,25 +138,28 @@ def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig, 
 def run_pipeline(cfg: DictConfig) -> dict:
     reuse = OmegaConf.select(cfg, "pipeline.reuse", default=None)
     wait = OmegaConf.select(cfg, "pipeline.reuse_wait_seconds", default=1800)
+    require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
+            "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")  # also without reuse
     if reuse is not None:
         require(Path(str(reuse)).is_dir(), "pipeline.reuse", f"no run folder {reuse}")
-        require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
-                "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")
     results = {}
     for label, step in _plan(cfg):
         out_dir, digest, run, step_cfg = step()
-        if not cfg.force and runtime.is_done(out_dir, digest):
+        if not cfg.force and runtime.is_done(out_dir, digest) and outputs_intact(label, out_dir):
             log.info("pipeline: %s is done for config %s, skipping (force=true reruns it)", label, digest)
             results[label] = "skipped"
             continue
-        if reuse is not None and not cfg.force and reuse_stage(Path(str(reuse)) / out_dir.name, out_dir, digest,
-                                                               step_cfg, float(wait)):
-            print(f"pipeline: {label} reused from {Path(str(reuse)) / out_dir.name} (same config and inputs)")
+        source = Path(str(reuse)) / out_dir.name if reuse is not None else None
+        # a finished source whose set was damaged afterwards is not copied
+        if (source is not None and not cfg.force
+                and (not runtime.is_done(source, digest) or outputs_intact(label, source))
+                and reuse_stage(source, out_dir, digest, step_cfg, float(wait))):
+            log.info("pipeline: %s reused from %s (same config and inputs)", label, source)
             results[label] = "reused"
             continue
         metrics = run() or {}
         results[label] = "skipped" if metrics.get("skipped") else "ran"
     report = run_report(cfg)
-    print(f"\nReport: {Path(report['report_dir']) / 'results.md'}")
+    log.info("Report: %s", Path(report["report_dir"]) / "results.md")
     return {**results, **report}
 

@@ -3,7 +3,6 @@ the ensemble vote (voting.py) turns their probabilities into hard / soft / dropp
 set is written with a data card. Nothing is deleted: dropped faces stay with ``kept = false``."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.errors import DataError
 from lightning_modules import runtime
 from lightning_modules.runtime import ConfigError, require
 
@@ -58,17 +58,17 @@ def done_digest(cfg: DictConfig) -> str:
 
 
 def check_relabel_config(cfg: DictConfig) -> None:
-    from datamodules.synthetic import read_manifest
+    from datamodules.synthetic import MANIFEST, verify_synthetic
 
     rl = cfg.relabel
     require(bool(rl.enabled), "relabel.enabled", "relabeling is off in this config (the ablation without relabel)")
     inputs = [rl.input] if isinstance(rl.input, str) else list(rl.input)
     require(len(inputs) > 0, "relabel.input", "no synthetic set given")
     for path in inputs:
-        try:
-            read_manifest(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise ConfigError("relabel.input", f"{err} (run the generator evaluation or stage=synthesize first)")
+        if not (Path(str(path)) / MANIFEST).is_file():
+            raise ConfigError("relabel.input", f"no synthetic set at {path} (no {MANIFEST}; run stage=synthesize or "
+                                               "the generator evaluation first)")
+        verify_synthetic(path)  # a damaged set is a DataError naming the shard file and the fix
     require(rl.voters is not None and len(rl.voters) > 0, "relabel.voters", "at least one voter is needed")
     for name, voter in rl.voters.items():
         require(Path(str(voter.checkpoint)).is_file(), f"relabel.voters.{name}.checkpoint",
@@ -135,13 +135,11 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
     check_relabel_config(cfg)
     rl = cfg.relabel
     out_dir = runtime.stage_dir(cfg, "relabel")
-    runtime.clear_stage(out_dir)
-    runtime.save_resolved_config(cfg, out_dir)
     inputs = [rl.input] if isinstance(rl.input, str) else list(rl.input)
     dataset = load_synthetic(inputs)
     sample_ids = list(dataset["sample_id"])
     if len(sample_ids) != len(set(sample_ids)):
-        raise ValueError(f"relabel.input {inputs}: sample ids are not unique")
+        raise DataError(f"relabel.input {inputs}: sample ids are not unique")
     voters = load_voters(cfg)
     first = next(iter(voters.values()))
     num_classes = int(first.hparams.num_classes)
@@ -150,12 +148,15 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                                             kept_only=False),
                         batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
     pred_dir = out_dir / "predictions"
-    shutil.rmtree(pred_dir, ignore_errors=True)  # an earlier run's rank files must never be merged
     loggers = runtime.build_loggers(cfg, out_dir, "relabel")
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
-    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False,
-                        callbacks=[RankPredictionWriter(pred_dir)], **trainer_args)
+    trainer = runtime.make_trainer(default_root_dir=str(out_dir), logger=loggers or False,
+                                   callbacks=[RankPredictionWriter(pred_dir)], **trainer_args)
+    # only now, with inputs, voters and Trainer in hand, the earlier run's outputs go (a rank file of an earlier
+    # run must never be merged, its relabelled set never read as this run's)
+    runtime.clear_stage(out_dir, ["predictions", "dataset", "data_card.json", "data_card.md"])
+    runtime.save_resolved_config(cfg, out_dir)
     start = time.time()
     metrics: dict = {}
     try:

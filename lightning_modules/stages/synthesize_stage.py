@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +25,7 @@ from lightning_modules.runtime import ConfigError, require
 
 # Settings that do not change a single byte of the set: they may differ between a run and its resume.
 NOT_FINGERPRINTED = ("overwrite", "num_workers", "progress")
+log = logging.getLogger(__name__)
 
 
 def plan_config(cfg: DictConfig):
@@ -54,6 +55,7 @@ def check_synthesis_config(cfg: DictConfig) -> None:
     require(int(syn.chunk_size) >= 1, "synthesis.chunk_size", f"must be >= 1, got {syn.chunk_size}")
     require(int(syn.batch_size) >= 1, "synthesis.batch_size", f"must be >= 1, got {syn.batch_size}")
     require(int(syn.num_workers) >= 0, "synthesis.num_workers", f"must be >= 0, got {syn.num_workers}")
+    check_sample_settings(cfg)
     plan_config(cfg)
     guidance = synthesis_guidance(cfg)
     if guidance.enabled:
@@ -95,9 +97,12 @@ def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_size: int) -> tuple[int, list[str]]:
-    """Rank 0, before any work: refuse a different config's set (unless ``overwrite``), clean up after a kill.
-    Returns (finished samples, shards dropped as damaged)."""
+def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_size: int, chunk_size: int,
+                   ours: bool = False) -> tuple[int, list[str]]:
+    """Rank 0, once the run is ready to start: refuse a different config's set (unless ``overwrite``), clean up
+    after a kill or damage. ``ours``: this stage finished this config in ``dataset_dir`` (its done marker), so a set
+    whose manifest was deleted is recovered from its shards. Returns (finished samples, shards dropped as
+    damaged)."""
     from datamodules.synthetic import FORMAT, MANIFEST, _write_manifest, check_shards, read_manifest
 
     if (dataset_dir / MANIFEST).is_file():
@@ -109,16 +114,62 @@ def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_si
                                   "replace it, or use another experiment_name")
             shutil.rmtree(dataset_dir)
     elif dataset_dir.exists() and any(dataset_dir.iterdir()):
-        if not overwrite:
+        if ours:
+            kept = rebuild_manifest(dataset_dir, fingerprint, plan_size, chunk_size)
+            log.warning("synthesize: %s lost its %s after the run finished; rebuilt it from the %d intact shards, "
+                        "the rest is made again", dataset_dir, MANIFEST, len(kept))
+        elif not overwrite:
             raise ConfigError("synthesis.overwrite", f"{dataset_dir} exists but is not a synthetic set; set "
                               "synthesis.overwrite=true to replace it")
-        shutil.rmtree(dataset_dir)
+        else:
+            shutil.rmtree(dataset_dir)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     if not (dataset_dir / MANIFEST).is_file():
         _write_manifest(dataset_dir, {"format": FORMAT, "shards": [], "meta": {
             "fingerprint": fingerprint, "plan_size": plan_size, "complete": False}})
     good, dropped = check_shards(dataset_dir)
+    if dropped:
+        update_complete(dataset_dir, False)
     return read_manifest(dataset_dir)["count"], dropped
+
+
+def update_complete(dataset_dir: Path, complete: bool) -> None:
+    from datamodules.synthetic import update_manifest
+
+    update_manifest(dataset_dir, complete=complete)
+
+
+def rebuild_manifest(dataset_dir: Path, fingerprint: str, plan_size: int, chunk_size: int) -> list[str]:
+    """The manifest of a set this config finished, from its chunk shards that read back with their chunk's row
+    count (``finalize`` checks the ids against the plan afterwards); the other shard folders are removed by
+    ``check_shards`` and made again."""
+    from datamodules.errors import DataError
+    from datamodules.synthesis import chunk_name, num_chunks
+    from datamodules.synthetic import FORMAT, _write_manifest, open_shard
+
+    shards = []
+    for chunk in range(num_chunks(plan_size, chunk_size)):
+        entry = {"name": chunk_name(chunk), "count": min(chunk_size, plan_size - chunk * chunk_size)}
+        try:
+            open_shard(dataset_dir, entry)
+        except DataError:
+            continue
+        shards.append(entry)
+    _write_manifest(dataset_dir, {"format": FORMAT, "shards": shards, "meta": {
+        "fingerprint": fingerprint, "plan_size": plan_size, "complete": False}})
+    return [s["name"] for s in shards]
+
+
+def set_damage(dataset_dir: Path) -> Optional[str]:
+    """None when the set is intact (manifest, every shard there, readable, with its row count), else why not."""
+    from datamodules.errors import DataError
+    from datamodules.synthetic import verify_synthetic
+
+    try:
+        verify_synthetic(dataset_dir)
+    except DataError as err:
+        return str(err)
+    return None
 
 
 def checked_plan(cfg: DictConfig):
@@ -151,34 +202,41 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
     dataset_dir = out_dir / "dataset"
     vocab = parse_au_list(cfg.data.aus)
     force = bool(cfg.get("force", False))
-    if force and runtime.is_rank_zero():  # force=true: make the set again from scratch
-        shutil.rmtree(dataset_dir, ignore_errors=True)
-        (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
-    if not force and runtime.is_done(out_dir, fingerprint) and (out_dir / "metrics.json").is_file():
-        print(f"synthesize: {dataset_dir} already holds all {size} samples of this config")
-        return {**json.loads((out_dir / "metrics.json").read_text()), "skipped": True}
+    ours = runtime.is_done(out_dir, fingerprint)
+    if not force and ours and (out_dir / "metrics.json").is_file():
+        damage = set_damage(dataset_dir)
+        if damage is None:
+            log.info("synthesize: %s already holds all %d samples of this config", dataset_dir, size)
+            return {**json.loads((out_dir / "metrics.json").read_text()), "skipped": True}
+        log.warning("synthesize: the finished set in %s is damaged, making the damaged part again: %s",
+                    dataset_dir, damage)
 
-    finished, dropped = 0, []
-    if runtime.is_rank_zero():
-        finished, dropped = prepare_output(dataset_dir, fingerprint, bool(syn.overwrite), size)
-        (out_dir / runtime.DONE_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(out_dir / "stats", ignore_errors=True)
-        runtime.save_resolved_config(cfg, out_dir)
-        if finished:
-            print(f"synthesize: resuming, {finished} of {size} samples already written"
-                  + (f"; redoing damaged shards {dropped}" if dropped else ""))
-
+    # Everything that can fail on a bad config is built before an earlier set or its metrics are touched.
     pipe, guidance, guide = load_synthesizer(cfg, vocab)
     module = _synthesis_module(pipe, cfg, guidance, guide)
     datamodule = SynthesisDataModule(plan, dataset_dir, int(syn.chunk_size), int(syn.batch_size),
                                      int(syn.num_workers))
-    writer = _writer(cfg, dataset_dir, out_dir, guidance, len(vocab), size - finished)
+    writer = _writer(cfg, dataset_dir, out_dir, guidance, len(vocab), size)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
     trainer_args.update(use_distributed_sampler=False, enable_progress_bar=False,
                         inference_mode=not guidance.enabled)  # SG differentiates through the sampler
     loggers = runtime.build_loggers(cfg, out_dir, "synthesize")
-    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False, callbacks=[writer], **trainer_args)
+    trainer = runtime.make_trainer(default_root_dir=str(out_dir), logger=loggers or False, callbacks=[writer],
+                                   **trainer_args)
+
+    finished, dropped = 0, []
+    if runtime.is_rank_zero():
+        if force:  # force=true: make the set again from scratch
+            shutil.rmtree(dataset_dir, ignore_errors=True)
+        finished, dropped = prepare_output(dataset_dir, fingerprint, bool(syn.overwrite), size, int(syn.chunk_size),
+                                           ours=ours and not force)
+        runtime.clear_stage(out_dir, ["stats"])
+        runtime.save_resolved_config(cfg, out_dir)
+        if finished:
+            log.info("synthesize: resuming, %d of %d samples already written%s", finished, size,
+                     f"; redoing damaged shards {dropped}" if dropped else "")
+    writer.total_images = size - finished
     # whole-batch items (batch_size=None): the writer takes its indices from the batch, not from Lightning
     warnings.filterwarnings("ignore", "Couldn't infer the batch indices", UserWarning)
     metrics: dict = {}
@@ -213,15 +271,20 @@ def load_synthesizer(cfg: DictConfig, vocab):
     return pipe, guidance, guide
 
 
-def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+def check_sample_settings(cfg: DictConfig) -> None:
     from lightning_modules.generator_pipeline import SAMPLERS
-    from lightning_modules.synthesis import SynthesisModule
 
     sample = OmegaConf.to_container(cfg.synthesis.sample, resolve=True)
     require(sample.get("sampler", "ddim") in SAMPLERS, "synthesis.sample.sampler",
             f"must be one of {SAMPLERS}, got {sample.get('sampler')!r}")
     require(int(sample.get("steps", 25)) >= 1, "synthesis.sample.steps", f"must be >= 1, got {sample.get('steps')}")
-    return SynthesisModule(pipe, sample, guidance, guide)
+
+
+def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+    from lightning_modules.synthesis import SynthesisModule
+
+    check_sample_settings(cfg)
+    return SynthesisModule(pipe, OmegaConf.to_container(cfg.synthesis.sample, resolve=True), guidance, guide)
 
 
 def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int):
@@ -256,6 +319,6 @@ def finalize(dataset_dir: Path, out_dir: Path, plan, size: int, seconds: float, 
                "images_per_second": made / seconds if seconds > 0 else None,
                "images_per_second_per_device": per_device, "dataset": str(dataset_dir),
                "class_counts": counts}
-    print(f"synthesize: {size} faces in {dataset_dir} ({made} generated now in {seconds:.1f} s, "
-          f"{summary['images_per_second'] or 0:.2f} img/s on {world_size} process(es))")
+    log.info("synthesize: %d faces in %s (%d generated now in %.1f s, %.2f img/s on %d process(es))", size,
+             dataset_dir, made, seconds, summary["images_per_second"] or 0, world_size)
     return summary
