@@ -124,7 +124,7 @@ def test_pipeline_config_errors(tiny_cfg):
 
 def test_pipeline_does_not_skip_a_finished_step_whose_set_was_damaged(tmp_path, caplog):
     from lightning_modules.stages.pipeline import outputs_intact
-    from test_relabel import write_toy_synthetic_set
+    from synthetic_fixtures import write_toy_synthetic_set
 
     write_toy_synthetic_set(tmp_path / "synthesize" / "dataset", n=8, shards=2)
     assert outputs_intact("synthesize", tmp_path / "synthesize")
