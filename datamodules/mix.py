@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from datamodules.errors import DataError
-from datamodules.batch import RecordDataset, collate_fer
+from datamodules.batch import FERDataLoader, collate_fer
 from datamodules.real import RealFERDataModule
 from datamodules.synthetic import SyntheticFERDataset
 from datamodules.transforms import AugmentConfig, train_transform
@@ -224,8 +224,8 @@ class MixedFERDataModule(L.LightningDataModule):
         with_soft = real.soft_labels or self.num_soft > 0  # one key set for every item, or batches would not collate
         real_ds = real.datasets["train"]
         if with_soft and not real.soft_labels:
-            real_ds = RecordDataset(records, train_transform(self.image_size, real.augment), num_aus=len(self.vocab),
-                                    num_classes=self.num_classes, with_soft_labels=True)
+            # same records and shared load-failure flags, so unreadable faces still reach the data summary
+            real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment), with_soft_labels=True)
         real_labels = np.array([r.label if r.label >= 0 or r.soft_label is None else int(np.argmax(r.soft_label))
                                 for r in records])
         parts, labels = [], []
@@ -293,14 +293,14 @@ class MixedFERDataModule(L.LightningDataModule):
         sampler = self.train_sampler()
         common = dict(num_workers=self.num_workers, collate_fn=collate_fer, persistent_workers=self.num_workers > 0)
         if isinstance(sampler, MixedBatchSampler):
-            return DataLoader(self.train_dataset, batch_sampler=sampler, **common)
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, **common)
+            return FERDataLoader(self.train_dataset, batch_sampler=sampler, **common)
+        return FERDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, **common)
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.real.datasets[split]
         rank, world = self._rank()
         sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
-        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
+        return FERDataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate_fer,
                           persistent_workers=self.num_workers > 0)
 

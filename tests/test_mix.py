@@ -426,3 +426,27 @@ def test_scale_null_takes_every_kept_face(tmp_path):
     write_dataset(tmp_path / "none_kept", data.add_column("kept", [False] * 20))
     with pytest.raises(ValueError, match=r"mix\.synthetic.*no kept faces"):
         MixedFERDataModule(real, synthetic=str(tmp_path / "none_kept"), mode="concat", scale=None).setup("fit")
+
+
+def test_unreadable_real_faces_are_counted_in_the_mixed_summary(sets, tmp_path):
+    """Soft labels make the mix rebuild the real train dataset; its load failures must still reach the summary."""
+    import warnings
+
+    from bad_data_helpers import copy, toy_export
+    from datamodules.real import RealFERDataModule
+
+    root = copy(toy_export(tmp_path / "export"), "imagefolder", tmp_path)
+    for path in sorted((root / "train").rglob("*.png"))[:2]:
+        path.write_bytes(b"not a png")
+    real = RealFERDataModule(format="imagefolder", root=str(root), image_size=32, batch_size=8, augment={})
+    dm = MixedFERDataModule(real, synthetic=str(sets["relabelled"][0]), mode="concat", scale=1.0)
+    dm.setup("fit")
+    assert dm.num_soft > 0  # the rebuilt-dataset path
+    n_real = len(real.records["train"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = ids_of(list(dm.train_dataloader()))
+    assert sum("2 unreadable image(s)" in str(w.message) for w in caught) == 1
+    real_served = [s for s in served if not s.startswith("syn-")]
+    assert len(real_served) == len(set(real_served)) == n_real - 2
+    assert dm.summary()["skipped"] == {"train/corrupt_image": 2}
