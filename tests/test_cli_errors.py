@@ -170,7 +170,7 @@ def _uncreatable(tmp_path):
     (["stage=distill"], None, "config error at `stage`: unknown stage 'distill'"),
     (["data=fer2013"], None, "config error at `data.root`: is required but not set"),
     (["data=fer2013", "data.root=MISSING"], None, "data.root does not exist"),
-    (["data=fer2013"], _fer2013_wrong_header, "fer2013.csv:1: header lacks column(s) ['pixels']"),
+    (["data=fer2013"], _fer2013_wrong_header, "fer2013.csv:1: header lacks column(s) pixels"),
     (["trainer.devices=0"], None, "config error at `trainer.devices`: must be a number of devices >= 1"),
     ([], _uncreatable, "config error at `output_root`: cannot create or write the run folder"),
 ], ids=["unknown-stage", "data-root-unset", "data-root-missing", "fer2013-header", "devices-0", "output-root"])
