@@ -66,6 +66,20 @@ def drop_conditions(aus: torch.Tensor, au_mask: torch.Tensor, captions: list[str
     return aus * keep, au_mask & keep, captions
 
 
+def class_conditions(labels: torch.Tensor, null_class: int, dropout: float = 0.0,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Class ids for the UNet's class embedding: unknown labels (< 0) and a ``dropout`` fraction become the null
+    class (condition dropout for the label's own classifier-free guidance, drawn apart from text and AUs)."""
+    labels = labels.long()
+    if (labels >= null_class).any():
+        raise ValueError(f"class labels must be < {null_class} (the null class), got max {int(labels.max())}")
+    classes = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
+    if dropout > 0:
+        drop = (torch.rand(labels.shape[0], generator=generator) < dropout).to(labels.device)
+        classes = torch.where(drop, torch.full_like(classes, null_class), classes)
+    return classes
+
+
 def augment_aus(aus: torch.Tensor, au_mask: torch.Tensor, noise_std: float,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """AU noise augmentation: Gaussian jitter on known AUs, clipped to the 0..5 scale (detector noise robustness)."""

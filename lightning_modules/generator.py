@@ -1,7 +1,17 @@
-"""The SynFER generator: a text + AU conditioned diffusion model as a LightningModule.
+"""The SynFER generator: a text + AU (+ class label) conditioned diffusion model as a LightningModule.
 
 Fit = ε-prediction (or v) MSE on real faces with their captions and AU vectors; text and AUs are dropped
-independently for classifier-free guidance and the AUs are jittered. Sampling goes through ``SynFERPipeline``
+independently for classifier-free guidance and the AUs are jittered. With ``label_conditioning`` the expression
+label also enters as a class embedding added to the time embedding (its own dropout to a null class and its own
+CFG scale ``sample.label_scale``): a from-scratch text encoder learns the expression word slowly at CPU scale,
+while a class embedding carries it from the first steps, so faces without AUs still get their expression.
+
+Faces without AUs (a dataset without an OpenFace sidecar, or the unknown part of a partial one) train the AU
+branch with masked AUs (value and mask 0), which is exactly the null AU condition of AU dropout and CFG. The AU
+branch is kept rather than switched off by the data: the model's architecture (and config hash) does not depend
+on which faces carry AUs, a partially annotated dataset uses the same path, and sampling with masked AUs asks
+the AU branch only for the condition it was trained on. ``au_adapter=false`` is the cheaper equivalent when a
+dataset is known to have no AUs at all. Sampling goes through ``SynFERPipeline``
 (built on the module's own parts, EMA weights when enabled), which is also what the synthesis stage and the saved
 pipeline directory use.
 """
@@ -15,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list, template_caption
-from lightning_modules.conditioning import (AUEncoder, augment_aus, drop_conditions, encode_text,
+from lightning_modules.conditioning import (AUEncoder, augment_aus, class_conditions, drop_conditions, encode_text,
                                             install_au_attention)
-from lightning_modules.generator_components import BACKBONES, build_tiny, load_pretrained
+from lightning_modules.generator_components import (BACKBONES, add_class_embedding, build_tiny, load_pretrained,
+                                                    null_class_id)
 from lightning_modules.generator_pipeline import SAMPLERS, SynFERPipeline, make_sampler
 
 FINETUNE_MODES = ("full", "lora")
@@ -41,6 +52,8 @@ class FERGenerator(L.LightningModule):
         au_noise_std: float = 0.1,
         text_dropout: float = 0.1,
         au_dropout: float = 0.1,
+        label_conditioning: bool = False,
+        label_dropout: float = 0.1,
         train_text_encoder: bool = True,
         finetune: str = "full",
         lora_rank: int = 8,
@@ -60,6 +73,10 @@ class FERGenerator(L.LightningModule):
         self.save_hyperparameters()
         _check_args(backbone, pretrained_path, finetune, lora_rank, text_dropout, au_dropout, au_noise_std, lr,
                     ema_decay, frozen_dtype)
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"generator.model.label_dropout must be in [0, 1), got {label_dropout}")
+        if label_conditioning and num_classes < 1:
+            raise ValueError(f"generator.model.label_conditioning needs num_classes >= 1, got {num_classes}")
         self.vocab: AUVocabulary = parse_au_list(aus)
         if backbone == "tiny":
             parts = build_tiny(int(image_size or 32), unet, text_encoder, noise_scheduler)
@@ -67,6 +84,9 @@ class FERGenerator(L.LightningModule):
             parts = load_pretrained(pretrained_path, image_size, noise_scheduler)
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.tokenizer, self.noise_scheduler, self.image_size = parts.tokenizer, parts.noise_scheduler, parts.image_size
+        if label_conditioning:  # created after the other parts: the label-free model's init stays as it was
+            add_class_embedding(self.unet, num_classes + 1)
+        self.null_class = null_class_id(self.unet) if label_conditioning else None
         self.au_encoder: Optional[AUEncoder] = None
         self.au_processors = None
         if au_adapter:  # off = the text-only generator of the paper's ablation (AUs reach it only via captions)
@@ -76,6 +96,8 @@ class FERGenerator(L.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.sample_settings = {**dict(sampler="ddim", steps=25, text_scale=2.0, au_scale=2.0), **(sample or {})}
+        if not label_conditioning:  # only a label-conditioned pipeline takes a label scale
+            self.sample_settings.pop("label_scale", None)
         if self.sample_settings["sampler"] not in SAMPLERS:
             raise ValueError(f"generator.model.sample.sampler must be one of {SAMPLERS}, "
                              f"got {self.sample_settings['sampler']!r}")
@@ -103,6 +125,8 @@ class FERGenerator(L.LightningModule):
                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         else:
             self.unet.requires_grad_(True)
+        if self.unet.class_embedding is not None:  # new in a LoRA fine-tune too: trained in full
+            self.unet.class_embedding.requires_grad_(True)
         if self.au_encoder is not None:
             self.au_processors.requires_grad_(True)
             self.au_encoder.requires_grad_(True)
@@ -150,7 +174,11 @@ class FERGenerator(L.LightningModule):
             aus, mask, captions = drop_conditions(aus, mask, captions, hp.text_dropout, hp.au_dropout, generator)
         text = encode_text(self.text_encoder, self.tokenizer, captions, latents.device).to(latents.dtype)
         states = text if self.au_encoder is None else (text, [self.au_encoder(aus, mask)])
-        pred = self.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
+        classes = None
+        if self.null_class is not None:
+            classes = class_conditions(batch["label"].to(latents.device), self.null_class,
+                                       hp.label_dropout if train else 0.0, generator)
+        pred = self.unet(noisy, t, encoder_hidden_states=states, class_labels=classes, return_dict=False)[0]
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
@@ -233,18 +261,27 @@ class FERGenerator(L.LightningModule):
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], aus: Optional[torch.Tensor] = None,
-               au_mask: Optional[torch.Tensor] = None, seeds: Optional[Sequence[int]] = None, **overrides
-               ) -> torch.Tensor:
-        """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled)."""
+               au_mask: Optional[torch.Tensor] = None, seeds: Optional[Sequence[int]] = None,
+               class_labels: Optional[torch.Tensor] = None, **overrides) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled).
+
+        ``class_labels`` (N,) is the intended expression, the class condition of a label-conditioned generator
+        (ignored without one, like AUs for a text-only generator); unknown labels (< 0) sample the null class.
+        """
         settings = {**self.sample_settings, **overrides}
         if self.au_encoder is None:  # text-only generator (ablation): the AU request reaches it only via captions
             aus = au_mask = None
+        if self.null_class is None:
+            class_labels = None
+            settings.pop("label_scale", None)
+        elif class_labels is not None:
+            class_labels = class_conditions(torch.as_tensor(class_labels), self.null_class)
         was_training = self.training
         self.eval()
         try:
             with self.ema_weights():
                 pipe = self.pipeline(settings.pop("sampler"))
-                return pipe(captions, aus=aus, au_mask=au_mask, seeds=seeds,
+                return pipe(captions, aus=aus, au_mask=au_mask, seeds=seeds, class_labels=class_labels,
                             num_inference_steps=settings.pop("steps"), progress=False, **settings).images
         finally:
             self.train(was_training)

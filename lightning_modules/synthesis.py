@@ -23,7 +23,8 @@ from datamodules.synthesis import chunk_name
 
 class SynthesisModule(L.LightningModule):
     """Wraps a ``SynFERPipeline``: its torch parts are registered as children so the Trainer places them on the
-    rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, ...)."""
+    rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, label_scale, ...).
+    A label-conditioned pipeline gets each face's planned expression (``target_label``) as its class condition."""
 
     def __init__(self, pipe, sample: dict[str, Any], guidance=None, guide: Optional[nn.Module] = None):
         super().__init__()
@@ -33,6 +34,8 @@ class SynthesisModule(L.LightningModule):
         self.guide = guide
         self.guidance = guidance if guidance is not None and guidance.enabled else None
         settings = dict(sample)
+        if pipe.null_class is None:  # a label scale means nothing to a pipeline without class labels
+            settings.pop("label_scale", None)
         self.call_kwargs = {"num_inference_steps": int(settings.pop("steps", 25)), **settings}
         self.requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
@@ -45,6 +48,8 @@ class SynthesisModule(L.LightningModule):
         if self.guidance is not None:
             extra = {"semantic_guidance": self.guidance, "guide": self.guide,
                      "labels": torch.tensor(batch["target_label"], dtype=torch.long)}
+        if self.pipe.null_class is not None:  # the planned expression is the class condition
+            extra["class_labels"] = torch.tensor(batch["target_label"], dtype=torch.long)
         images = self.pipe(list(batch["caption"]), aus=aus, au_mask=au_mask, seeds=list(batch["seed"]),
                            batch_size=n, progress=False, **self.call_kwargs, **extra).images
         return {"images": images.cpu()}
