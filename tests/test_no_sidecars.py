@@ -101,3 +101,100 @@ def test_cli_none_writes_no_sidecar(tmp_path):
     main(["--out", str(tmp_path), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--image-size", "32",
           "--sidecars", "none", "--formats", "imagefolder", "fer2013"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export_summary.json", "fer2013", "imagefolder"]
+
+
+# ---------------------------------------------------------------------- the `none` AU route: grids + evaluation
+import torch  # noqa: E402
+
+from datamodules.batch import FERRecord  # noqa: E402
+from lightning_modules.generation_eval import (AU_METRICS_SKIPPED, evaluate_generator,  # noqa: E402
+                                               fidelity_metrics, records_eval_conditions)
+from lightning_modules.generator_callbacks import grid_conditions, render_grids  # noqa: E402
+
+
+def _face(i, label, aus=False, width=3):
+    return FERRecord(sample_id=str(i), image=np.full((8, 8, 3), 10 * i % 250, np.uint8), label=label,
+                     aus=np.full(width, float(label), np.float32) if aus else None,
+                     au_mask=np.ones(width, bool) if aus else None, caption=f"face {i}")
+
+
+def test_grid_conditions_without_aus_have_no_sweep():
+    conds = grid_conditions([_face(0, 2), _face(1, 0), _face(2, 5), _face(3, 2)], num_classes=8, num_aus=3)
+    assert conds.names == ["neutral", "sad", "disgust"] and conds.labels == [0, 2, 5]
+    assert conds.captions == ["face 1", "face 0", "face 2"]
+    assert conds.aus.shape == conds.au_mask.shape == (3, 3) and not conds.au_mask.any() and not conds.has_aus
+    assert conds.sweep_aus is None and conds.sweep_mask is None
+
+
+def test_grid_conditions_prefer_faces_with_aus_and_sweep_from_one():
+    conds = grid_conditions([_face(0, 0), _face(1, 2), _face(2, 2, aus=True)], num_classes=8, num_aus=3)
+    assert conds.captions == ["face 0", "face 2"]            # the sad row is the face with AUs
+    assert conds.au_mask.tolist() == [[False] * 3, [True] * 3]
+    assert conds.sweep_caption == "face 2" and conds.sweep_label == 2  # the neutral face has no AUs
+    assert conds.sweep_aus.tolist() == [2.0, 2.0, 2.0] and conds.sweep_mask.all()
+
+
+def test_eval_conditions_without_aus_draw_every_labelled_face():
+    records = [_face(i, i % 3) for i in range(9)] + [_face(50, -1)]
+    conds = records_eval_conditions(records, per_class=2, num_classes=3, seed=0, num_aus=4)
+    assert sorted(conds.labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert conds.aus.shape == (6, 4) and not conds.au_mask.any() and not conds.has_aus
+    # with some AU-labelled faces only those are drawn (the AU metrics need them)
+    mixed = records + [_face(60 + c, c, aus=True, width=4) for c in range(3)]
+    conds = records_eval_conditions(mixed, per_class=2, num_classes=3, seed=0, num_aus=4)
+    assert conds.captions == ["face 60", "face 61", "face 62"] and conds.au_mask.all()
+    with pytest.raises(ValueError, match="records carry \\[4\\] AUs, expected 3"):
+        records_eval_conditions(mixed, per_class=2, num_classes=3, seed=0, num_aus=3)
+
+
+def test_fidelity_metrics_skip_au_metrics_without_au_labels():
+    conds = records_eval_conditions([_face(i, i % 2) for i in range(4)], 2, 2, 0, num_aus=3)
+    m = fidelity_metrics(torch.eye(2)[[0, 1, 1, 1]], None, conds, [1, 2, 4])
+    assert m["au_metrics_skipped"] == AU_METRICS_SKIPPED == "no AU labels in the data"
+    assert m["fer_acc"] == pytest.approx(0.75)
+    assert not [k for k in m if k.startswith("au_") and k != "au_metrics_skipped"]
+
+
+SMALL_GEN = dict(unet=dict(block_out_channels=[8, 16], layers_per_block=1, attention_head_dim=4, norm_num_groups=4,
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"]),
+                 text_encoder=dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=16),
+                 image_size=16, aus=[1, 2, 4], ema_decay=None, sample=dict(steps=2), num_classes=3)
+
+
+class _NoAUHeadTeacher(torch.nn.Module):
+    """A teacher without an AU head (trained on data without AUs): logits from the mean brightness."""
+
+    class _Model:
+        num_features = 3
+
+    model = _Model()
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([-4.0, 0.0, 4.0]))
+
+    def forward(self, x):
+        return {"logits": x.mean(dim=(1, 2, 3))[:, None] * self.w}
+
+    def forward_features(self, x):
+        return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("label_conditioning", [False, True])
+def test_grids_and_evaluation_without_aus(tmp_path, label_conditioning):
+    from lightning_modules.generator import FERGenerator
+
+    torch.manual_seed(0)
+    gen = FERGenerator(label_conditioning=label_conditioning, **SMALL_GEN)
+    records = [_face(i, i % 3) for i in range(12)]
+    paths = render_grids(gen, grid_conditions(records, 3, 3), tmp_path, "final", seeds=2, au_levels=[0, 5])
+    assert sorted(paths) == ["expressions"] and paths["expressions"].is_file()
+    assert not (tmp_path / "au_sweep_final.png").exists()
+    conds = records_eval_conditions(records, per_class=2, num_classes=3, seed=0, num_aus=3)
+    metrics, images = evaluate_generator(gen, _NoAUHeadTeacher(), conds, 8, progress=False)
+    assert images.shape == (6, 3, 16, 16)
+    assert metrics["au_metrics_skipped"] == metrics["reference/au_metrics_skipped"] == AU_METRICS_SKIPPED
+    for key in ("fer_acc", "fid", "kid_mean", "reference/fer_acc"):
+        assert isinstance(metrics[key], float), key
+    assert "au_pearson_mean" not in metrics
