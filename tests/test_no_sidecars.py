@@ -198,3 +198,24 @@ def test_grids_and_evaluation_without_aus(tmp_path, label_conditioning):
     for key in ("fer_acc", "fid", "kid_mean", "reference/fer_acc"):
         assert isinstance(metrics[key], float), key
     assert "au_pearson_mean" not in metrics
+
+
+@pytest.mark.slow
+def test_generator_stage_on_ferplus_without_sidecars(tiny_cfg, tmp_path):
+    """The reported crash: stage=generator on a FERPlus folder as downloaded (no OpenFace csv, no captions)."""
+    import train
+
+    export_toyfaces(CONFIG, {"train": 64, "val": 16, "test": 24}, tmp_path / "export", formats=["ferplus"],
+                    sidecars="none")
+    data = ["data=ferplus", f"data.root={tmp_path / 'export' / 'ferplus'}", "data.image_size=32"]
+    train.run_stage(tiny_cfg("stage=teacher", *data))
+    # per_class=1: the stage's eval_samples grid assumes every class fills per_class conditions
+    metrics = train.run_stage(tiny_cfg("stage=generator", *data, "generator.model.label_conditioning=true",
+                                       "generator.eval.per_class=1"))
+    ev = metrics["eval"]
+    assert ev["au_metrics_skipped"] == "no AU labels in the data"
+    assert "au_pearson_mean" not in ev and ev["num_samples"] > 0
+    for key in ("fer_acc", "fid", "kid_mean", "reference/fer_acc"):
+        assert isinstance(ev[key], float), key
+    grids = tmp_path / "run" / "generator" / "grids"
+    assert (grids / "expressions_final.png").is_file() and not (grids / "au_sweep_final.png").exists()
