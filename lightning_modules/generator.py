@@ -98,6 +98,9 @@ class FERGenerator(L.LightningModule):
         self.sample_settings = {**dict(sampler="ddim", steps=25, text_scale=2.0, au_scale=2.0), **(sample or {})}
         if not label_conditioning:  # only a label-conditioned pipeline takes a label scale
             self.sample_settings.pop("label_scale", None)
+        elif (self.sample_settings.get("label_scale") or 0) < 0:
+            raise ValueError(f"generator.model.sample.label_scale must be >= 0 or null, "
+                             f"got {self.sample_settings['label_scale']}")
         if self.sample_settings["sampler"] not in SAMPLERS:
             raise ValueError(f"generator.model.sample.sampler must be one of {SAMPLERS}, "
                              f"got {self.sample_settings['sampler']!r}")

@@ -193,3 +193,49 @@ def test_null_class_id_of_other_class_embeddings():
     assert null_class_id(parts.unet) is None
     add_class_embedding(parts.unet, 9)
     assert null_class_id(parts.unet) == 8
+
+
+class _Guide(torch.nn.Module):
+    """A differentiable stand-in FER classifier: class scores from the mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, images):
+        return {"logits": images.mean(dim=(2, 3)) @ self.w}
+
+
+def test_semantic_guidance_and_layout_init_take_the_class_condition():
+    from lightning_modules.guidance import SemanticGuidance
+
+    pipe = _pipe(_generator())
+    classes = torch.tensor([0, 1, 2])
+    plain = _run(pipe, classes, label_scale=3.0)
+    sg = SemanticGuidance(embedding_scale=1.0, classifier_scale=1.0, window=(0.0, 1.0))
+    guided = _run(pipe, classes, label_scale=3.0, semantic_guidance=sg, guide=_Guide(), labels=classes)
+    assert guided.shape == plain.shape and not torch.allclose(guided, plain, atol=1e-4)
+    init = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    laid_out = _run(pipe, classes, init_images=init, init_strength=0.5)
+    assert laid_out.shape == plain.shape
+
+
+def test_lora_fine_tune_trains_and_saves_the_class_embedding(tmp_path):
+    from tests.tiny_sd import save_tiny_sd
+
+    sd = save_tiny_sd(tmp_path / "sd")
+    gen = FERGenerator(backbone="pretrained", pretrained_path=str(sd), image_size=32, finetune="lora", lora_rank=2,
+                       label_conditioning=True, num_classes=4, ema_decay=None, frozen_dtype=None)
+    assert gen.unet.class_embedding.weight.requires_grad
+    assert not gen.unet.conv_in.weight.requires_grad  # the base UNet stays frozen
+    with torch.no_grad():
+        gen.unet.class_embedding.weight.normal_()
+    before = gen.sample(CAPTIONS, seeds=[1, 2, 3], class_labels=torch.tensor([0, 1, 3]), steps=2, label_scale=3.0)
+    gen.save_generator(tmp_path / "pipe")
+    pipe = SynFERPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.null_class == 4
+    assert torch.equal(pipe.unet.class_embedding.weight, gen.unet.class_embedding.weight)
+    after = pipe(CAPTIONS, seeds=[1, 2, 3], class_labels=torch.tensor([0, 1, 3]), num_inference_steps=2,
+                 text_scale=gen.sample_settings["text_scale"], au_scale=gen.sample_settings["au_scale"],
+                 label_scale=3.0, progress=False).images
+    assert torch.allclose(before, after, atol=1e-5)
