@@ -141,8 +141,9 @@ def plain_attention_processors(unet) -> dict[str, nn.Module]:
 
 
 def save_au_adapter(directory: str | Path, au_encoder: AUEncoder, au_processors: nn.ModuleDict, aus: list[int],
-                    au_attn_scale: float) -> None:
-    """``au_adapter.safetensors`` (encoder + K/V_au of every layer) and ``au_adapter.json`` (sizes, AU list)."""
+                    au_attn_scale: float, trained_on_aus: Optional[bool] = None) -> None:
+    """``au_adapter.safetensors`` (encoder + K/V_au of every layer) and ``au_adapter.json`` (sizes, AU list, and
+    ``trained_on_aus``: whether training ever showed the branch a known AU; null = not recorded)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -150,7 +151,8 @@ def save_au_adapter(directory: str | Path, au_encoder: AUEncoder, au_processors:
     state = {f"au_encoder.{k}": v.detach().cpu().contiguous() for k, v in au_encoder.state_dict().items()}
     state.update({f"au_attention.{k}": v.detach().cpu().contiguous() for k, v in au_processors.state_dict().items()})
     save_file(state, str(directory / AU_ADAPTER_WEIGHTS))
-    config = {**au_encoder.config, "aus": list(aus), "au_attn_scale": au_attn_scale}
+    config = {**au_encoder.config, "aus": list(aus), "au_attn_scale": au_attn_scale,
+              "trained_on_aus": trained_on_aus}
     (directory / AU_ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 

@@ -106,6 +106,8 @@ class FERGenerator(L.LightningModule):
                              f"got {self.sample_settings['sampler']!r}")
         self.ema = None
         self._pending_ema_state: Optional[dict] = None
+        # training faces seen, and those with at least one known AU (None: not recorded, e.g. an older checkpoint)
+        self.faces_seen: Optional[dict[str, int]] = {"faces": 0, "with_aus": 0}
 
     # ------------------------------------------------------------------ parameters
     def _set_trainable(self) -> None:
@@ -193,6 +195,9 @@ class FERGenerator(L.LightningModule):
         if batch["image"].shape[0] == 0:  # every face of the batch failed to load (counted by the datamodule)
             return None
         loss = self.diffusion_loss(batch, train=True)
+        if self.faces_seen is not None:
+            self.faces_seen["faces"] += int(batch["image"].shape[0])
+            self.faces_seen["with_aus"] += int(batch["au_mask"].any(dim=1).sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -220,8 +225,10 @@ class FERGenerator(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["faces_seen"] = self.faces_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.faces_seen = checkpoint.get("faces_seen")
         if "ema" in checkpoint:
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
@@ -258,9 +265,16 @@ class FERGenerator(L.LightningModule):
         scheduler = make_sampler(sampler or self.sample_settings["sampler"], self.noise_scheduler.config)
         pipe = SynFERPipeline(unet=self.unet, scheduler=scheduler, text_encoder=self.text_encoder,
                               tokenizer=self.tokenizer, vae=self.vae, image_size=self.image_size)
-        pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus)
+        pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus, self.trained_on_aus)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @property
+    def trained_on_aus(self) -> Optional[bool]:
+        """Whether training showed the AU branch any known AU (None: no training recorded)."""
+        if not self.faces_seen or not self.faces_seen["faces"]:
+            return None
+        return self.faces_seen["with_aus"] > 0
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], aus: Optional[torch.Tensor] = None,

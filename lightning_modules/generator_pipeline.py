@@ -84,11 +84,13 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.au_encoder: Optional[AUEncoder] = None
         self.au_processors: Optional[nn.ModuleDict] = None
         self.au_names: list[int] = []
+        self.au_trained: Optional[bool] = None  # False: the AU branch only ever saw unknown AUs (data without AUs)
 
     # ------------------------------------------------------------------ AU adapter
     def set_au_adapter(self, au_encoder: Optional[AUEncoder], au_processors: Optional[nn.ModuleDict],
-                       aus: Sequence[int] = ()) -> None:
+                       aus: Sequence[int] = (), trained_on_aus: Optional[bool] = None) -> None:
         self.au_encoder, self.au_processors, self.au_names = au_encoder, au_processors, list(aus)
+        self.au_trained = trained_on_aus
 
     @property
     def has_au_adapter(self) -> bool:
@@ -101,7 +103,7 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def load_au_adapter(self, directory: str | Path) -> None:
         encoder, processors, config = load_au_adapter(directory, self.unet)
-        self.set_au_adapter(encoder, processors, config.get("aus", []))
+        self.set_au_adapter(encoder, processors, config.get("aus", []), config.get("trained_on_aus"))
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -126,7 +128,7 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                    unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
         if self.has_au_adapter:
             save_au_adapter(save_directory, self.au_encoder, self.au_processors, self.au_names,
-                            au_attention_scale(self.au_processors))
+                            au_attention_scale(self.au_processors), self.au_trained)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SynFERPipeline":

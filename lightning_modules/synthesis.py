@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 
 from datamodules.synthesis import chunk_name
 
+log = logging.getLogger(__name__)
+
 
 class SynthesisModule(L.LightningModule):
     """Wraps a ``SynFERPipeline``: its torch parts are registered as children so the Trainer places them on the
@@ -31,6 +34,11 @@ class SynthesisModule(L.LightningModule):
         self.pipe = pipe
         self.unet, self.text_encoder, self.vae = pipe.unet, pipe.text_encoder, pipe.vae
         self.au_encoder = pipe.au_encoder
+        # a generator trained without AU labels never learned what an AU request means: ask for none
+        self.request_aus = pipe.has_au_adapter and pipe.au_trained is not False
+        if pipe.has_au_adapter and not self.request_aus:
+            log.warning("synthesis: the generator's AU branch was trained without AU labels (au_adapter.json "
+                        "trained_on_aus=false); faces are sampled without the plan's AU targets")
         self.guide = guide
         self.guidance = guidance if guidance is not None and guidance.enabled else None
         settings = dict(sample)
@@ -42,7 +50,7 @@ class SynthesisModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         n = len(batch["sample_id"])
-        aus = torch.tensor(batch["target_aus"], dtype=torch.float32) if self.pipe.has_au_adapter else None
+        aus = torch.tensor(batch["target_aus"], dtype=torch.float32) if self.request_aus else None
         au_mask = torch.tensor(batch["au_mask"], dtype=torch.bool) if aus is not None else None
         extra = {}
         if self.guidance is not None:

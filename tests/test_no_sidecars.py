@@ -3,6 +3,7 @@ captions jsonl, or with AUs for only part of the faces."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -219,3 +220,30 @@ def test_generator_stage_on_ferplus_without_sidecars(tiny_cfg, tmp_path):
         assert isinstance(ev[key], float), key
     grids = tmp_path / "run" / "generator" / "grids"
     assert (grids / "expressions_final.png").is_file() and not (grids / "au_sweep_final.png").exists()
+
+
+@pytest.mark.parametrize("known_aus, trained", [(False, False), (True, True)])
+def test_synthesis_requests_no_aus_from_a_generator_trained_without_them(tmp_path, known_aus, trained):
+    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.synthesis import SynthesisModule
+
+    torch.manual_seed(0)
+    gen = FERGenerator(**SMALL_GEN)
+    assert gen.trained_on_aus is None  # nothing trained yet: unknown
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "label": torch.tensor([0, 1, 2, 1]),
+             "aus": torch.rand(4, 3) * 5 * known_aus, "au_mask": torch.full((4, 3), known_aus), "caption": [""] * 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        gen.training_step(batch, 0)
+    assert gen.faces_seen == {"faces": 4, "with_aus": 4 * known_aus} and gen.trained_on_aus is trained
+    gen.save_generator(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "au_adapter.json").read_text())["trained_on_aus"] is trained
+    pipe = SynFERPipeline.from_pretrained(tmp_path / "pipe")
+    module = SynthesisModule(pipe, dict(steps=2, text_scale=2.0, au_scale=2.0))
+    assert module.request_aus is trained
+    plan = {"sample_id": ["a", "b"], "target_aus": [[0.0, 5.0, 0.0], [5.0, 0.0, 5.0]], "au_mask": [[True] * 3] * 2,
+            "caption": ["a happy face"] * 2, "seed": [3, 3], "target_label": [1, 1]}
+    images = module.predict_step(plan, 0)["images"]
+    # same seed + caption: only the AU request can tell the two faces apart
+    assert torch.allclose(images[0], images[1]) is not trained
