@@ -66,6 +66,20 @@ def drop_conditions(aus: torch.Tensor, au_mask: torch.Tensor, captions: list[str
     return aus * keep, au_mask & keep, captions
 
 
+def class_conditions(labels: torch.Tensor, null_class: int, dropout: float = 0.0,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Class ids for the UNet's class embedding: unknown labels (< 0) and a ``dropout`` fraction become the null
+    class (condition dropout for the label's own classifier-free guidance, drawn apart from text and AUs)."""
+    labels = labels.long()
+    if (labels >= null_class).any():
+        raise ValueError(f"class labels must be < {null_class} (the null class), got max {int(labels.max())}")
+    classes = torch.where(labels < 0, torch.full_like(labels, null_class), labels)
+    if dropout > 0:
+        drop = (torch.rand(labels.shape[0], generator=generator) < dropout).to(labels.device)
+        classes = torch.where(drop, torch.full_like(classes, null_class), classes)
+    return classes
+
+
 def augment_aus(aus: torch.Tensor, au_mask: torch.Tensor, noise_std: float,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """AU noise augmentation: Gaussian jitter on known AUs, clipped to the 0..5 scale (detector noise robustness)."""
@@ -127,8 +141,9 @@ def plain_attention_processors(unet) -> dict[str, nn.Module]:
 
 
 def save_au_adapter(directory: str | Path, au_encoder: AUEncoder, au_processors: nn.ModuleDict, aus: list[int],
-                    au_attn_scale: float) -> None:
-    """``au_adapter.safetensors`` (encoder + K/V_au of every layer) and ``au_adapter.json`` (sizes, AU list)."""
+                    au_attn_scale: float, trained_on_aus: Optional[bool] = None) -> None:
+    """``au_adapter.safetensors`` (encoder + K/V_au of every layer) and ``au_adapter.json`` (sizes, AU list, and
+    ``trained_on_aus``: whether training ever showed the branch a known AU; null = not recorded)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -136,7 +151,8 @@ def save_au_adapter(directory: str | Path, au_encoder: AUEncoder, au_processors:
     state = {f"au_encoder.{k}": v.detach().cpu().contiguous() for k, v in au_encoder.state_dict().items()}
     state.update({f"au_attention.{k}": v.detach().cpu().contiguous() for k, v in au_processors.state_dict().items()})
     save_file(state, str(directory / AU_ADAPTER_WEIGHTS))
-    config = {**au_encoder.config, "aus": list(aus), "au_attn_scale": au_attn_scale}
+    config = {**au_encoder.config, "aus": list(aus), "au_attn_scale": au_attn_scale,
+              "trained_on_aus": trained_on_aus}
     (directory / AU_ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
 
 

@@ -8,6 +8,10 @@
   Inception download; comparable between runs judged by the same teacher, not with published FIDs).
 - Reference: the same numbers on the real faces behind the conditions, passed through the generator's
   resolution, so a gap is the generator's and not the teacher's.
+
+Data without AU labels (no OpenFace sidecar): the conditions carry every AU as unknown, the faces are generated
+without an AU request, FER-Acc and FID/KID are reported as usual and the AU metrics are replaced by
+``au_metrics_skipped: "no AU labels in the data"`` (nothing to compare the teacher's AU head with).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from tqdm.auto import tqdm
 from datamodules.batch import LOAD_ERRORS, FERRecord, load_record_image
 from datamodules.labels import EXPRESSIONS
 
+AU_METRICS_SKIPPED = "no AU labels in the data"
+
 
 @dataclass
 class EvalConditions:
@@ -40,6 +46,11 @@ class EvalConditions:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def has_aus(self) -> bool:
+        """Whether any condition requests a known AU (data with AU labels)."""
+        return bool(self.au_mask.numel()) and bool(self.au_mask.any())
 
 
 def toy_eval_conditions(toy_config, per_class: int, num_classes: int, aus: Sequence[int],
@@ -67,21 +78,30 @@ def toy_eval_conditions(toy_config, per_class: int, num_classes: int, aus: Seque
     return records_to_conditions(records, seed)
 
 
-def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_classes: int, seed: int
-                            ) -> EvalConditions:
-    """Class-balanced conditions from labelled real records (test split), e.g. for a public dataset."""
+def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_classes: int, seed: int,
+                            num_aus: Optional[int] = None) -> EvalConditions:
+    """Class-balanced conditions from labelled real records (test split), e.g. for a public dataset.
+
+    When some records carry AUs only those are drawn (the AU metrics need them); when none does (no OpenFace
+    sidecar) every labelled record may be drawn and the conditions carry ``num_aus`` unknown AUs.
+    """
+    labelled = [r for r in records if 0 <= r.label < num_classes]
+    with_aus = any(r.aus is not None for r in labelled)
     rng = np.random.default_rng(seed)
     chosen = []
     for c in range(num_classes):
-        pool = [r for r in records if r.label == c and r.aus is not None]
+        pool = [r for r in labelled if r.label == c and (r.aus is not None or not with_aus)]
         if pool:
             chosen += [pool[i] for i in rng.permutation(len(pool))[:per_class]]
     if not chosen:
-        raise ValueError("no labelled records with AUs to build evaluation conditions from")
-    return records_to_conditions(chosen, seed)
+        raise ValueError(f"no labelled records (classes 0..{num_classes - 1}) to build evaluation conditions from")
+    return records_to_conditions(chosen, seed, num_aus)
 
 
-def records_to_conditions(records: Sequence[FERRecord], seed: int) -> EvalConditions:
+def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Optional[int] = None
+                          ) -> EvalConditions:
+    """Conditions + reference faces of ``records``; a record without AUs gets ``num_aus`` unknown AUs (default:
+    the width of the records that have AUs, 0 when none has)."""
     import torchvision.transforms.v2.functional as TF
 
     refs, kept = [], []
@@ -99,18 +119,28 @@ def records_to_conditions(records: Sequence[FERRecord], seed: int) -> EvalCondit
     records = kept
     size = refs[0].shape[-1]
     refs = torch.stack([TF.resize(x, [size, size], antialias=True) for x in refs])
+    widths = {len(r.aus) for r in records if r.aus is not None}
+    if len(widths) > 1 or (widths and num_aus is not None and widths != {num_aus}):
+        raise ValueError(f"evaluation conditions: records carry {sorted(widths)} AUs, expected "
+                         f"{num_aus if num_aus is not None else 'one width'}")
+    width = widths.pop() if widths else int(num_aus or 0)
+    aus = np.zeros((len(records), width), np.float32)
+    mask = np.zeros((len(records), width), bool)
+    for i, r in enumerate(records):
+        if r.aus is not None:
+            aus[i] = r.aus
+            mask[i] = r.au_mask if r.au_mask is not None else True
     return EvalConditions(
         labels=torch.tensor([r.label for r in records]),
-        aus=torch.tensor(np.stack([r.aus for r in records]), dtype=torch.float32),
-        au_mask=torch.tensor(np.stack([r.au_mask if r.au_mask is not None else np.ones(len(r.aus), bool)
-                                       for r in records])),
+        aus=torch.from_numpy(aus), au_mask=torch.from_numpy(mask),
         captions=[r.caption for r in records], seeds=[seed + i for i in range(len(records))], references=refs)
 
 
 @torch.no_grad()
-def teacher_scores(teacher, images: torch.Tensor, image_size: int, batch_size: int = 256
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probabilities (N,K), AU predictions (N,A)) of ``teacher`` on images in [0,1] at any size."""
+def teacher_scores(teacher, images: torch.Tensor, image_size: int, batch_size: int = 256, need_aus: bool = True
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(probabilities (N,K), AU predictions (N,A)) of ``teacher`` on images in [0,1] at any size; the AU
+    predictions are None when not needed and the teacher has no AU head."""
     probs, aus = [], []
     device = next(teacher.parameters()).device
     for start in range(0, len(images), batch_size):
@@ -119,20 +149,28 @@ def teacher_scores(teacher, images: torch.Tensor, image_size: int, batch_size: i
         out = teacher(x * 2 - 1)
         probs.append(out["logits"].softmax(-1).cpu())
         if "aus" not in out:
-            raise ValueError("the teacher has no AU head (teacher.model.au_head=false): AU fidelity needs one")
+            if need_aus:
+                raise ValueError("the teacher has no AU head (teacher.model.au_head=false): AU fidelity needs one")
+            continue
         aus.append(out["aus"].float().cpu())
-    return torch.cat(probs), torch.cat(aus)
+    return torch.cat(probs), (torch.cat(aus) if aus else None)
 
 
-def fidelity_metrics(probs: torch.Tensor, pred_aus: torch.Tensor, conds: EvalConditions, au_names: Sequence[int],
-                     au_active_threshold: float = 1.0) -> dict[str, float]:
-    """FER-Acc (overall + per class), per-AU Pearson r / MAE and AU-Acc against the requested conditions."""
+def fidelity_metrics(probs: torch.Tensor, pred_aus: Optional[torch.Tensor], conds: EvalConditions,
+                     au_names: Sequence[int], au_active_threshold: float = 1.0) -> dict[str, float]:
+    """FER-Acc (overall + per class), per-AU Pearson r / MAE and AU-Acc against the requested conditions; the AU
+    metrics become ``au_metrics_skipped`` (the reason) when no condition has a known AU."""
     labels = conds.labels
     correct = probs.argmax(-1) == labels
     out: dict[str, float] = {"fer_acc": correct.float().mean().item()}
     for c in labels.unique().tolist():
         name = EXPRESSIONS[c] if c < len(EXPRESSIONS) else str(c)
         out[f"fer_acc/{name}"] = correct[labels == c].float().mean().item()
+    if not conds.has_aus:
+        out["au_metrics_skipped"] = AU_METRICS_SKIPPED
+        return out
+    if pred_aus is None:
+        raise ValueError("the teacher has no AU head (teacher.model.au_head=false): AU fidelity needs one")
     rs = []
     for j, au in enumerate(au_names):
         known = conds.au_mask[:, j]
@@ -200,16 +238,18 @@ def generate(generator, conds: EvalConditions, batch_size: int = 64, progress: b
         kwargs = dict(sample_kwargs)
         if kwargs.get("semantic_guidance") is not None:
             kwargs["labels"] = conds.labels[sl]
-        images.append(generator.sample(conds.captions[sl], conds.aus[sl], conds.au_mask[sl], conds.seeds[sl],
-                                       **kwargs))
+        # no AU request the data never had: the AU branch gets the null condition it was trained on
+        aus, mask = (conds.aus[sl], conds.au_mask[sl]) if conds.has_aus else (None, None)
+        images.append(generator.sample(conds.captions[sl], aus, mask, conds.seeds[sl],
+                                       class_labels=conds.labels[sl], **kwargs))
     return torch.cat(images), time.perf_counter() - start_time
 
 
 def score_images(teacher, images: torch.Tensor, conds: EvalConditions, au_names: Sequence[int],
                  teacher_image_size: int, au_active_threshold: float = 1.0) -> dict[str, float]:
     """Fidelity metrics of ``images`` + FID/KID against the reference faces when the conditions have them."""
-    metrics = fidelity_metrics(*teacher_scores(teacher, images, teacher_image_size), conds, au_names,
-                               au_active_threshold)
+    metrics = fidelity_metrics(*teacher_scores(teacher, images, teacher_image_size, need_aus=conds.has_aus), conds,
+                               au_names, au_active_threshold)
     metrics["num_samples"] = len(conds)
     if conds.references is not None and hasattr(teacher, "forward_features"):
         metrics.update(distribution_metrics(TeacherFeatures(teacher, teacher_image_size), images,
@@ -242,7 +282,7 @@ def evaluate_generator(generator, teacher, conds: EvalConditions, teacher_image_
     if conds.references is not None:
         size = images.shape[-1]
         refs = F.interpolate(conds.references, size=(size, size), mode="bilinear", antialias=True)
-        ref = fidelity_metrics(*teacher_scores(teacher, refs, teacher_image_size), conds, au_names,
-                               au_active_threshold)
+        ref = fidelity_metrics(*teacher_scores(teacher, refs, teacher_image_size, need_aus=conds.has_aus), conds,
+                               au_names, au_active_threshold)
         metrics.update({f"reference/{k}": v for k, v in ref.items()})
     return metrics, images

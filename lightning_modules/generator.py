@@ -1,7 +1,17 @@
-"""The SynFER generator: a text + AU conditioned diffusion model as a LightningModule.
+"""The SynFER generator: a text + AU (+ class label) conditioned diffusion model as a LightningModule.
 
 Fit = ε-prediction (or v) MSE on real faces with their captions and AU vectors; text and AUs are dropped
-independently for classifier-free guidance and the AUs are jittered. Sampling goes through ``SynFERPipeline``
+independently for classifier-free guidance and the AUs are jittered. With ``label_conditioning`` the expression
+label also enters as a class embedding added to the time embedding (its own dropout to a null class and its own
+CFG scale ``sample.label_scale``): a from-scratch text encoder learns the expression word slowly at CPU scale,
+while a class embedding carries it from the first steps, so faces without AUs still get their expression.
+
+Faces without AUs (a dataset without an OpenFace sidecar, or the unknown part of a partial one) train the AU
+branch with masked AUs (value and mask 0), which is exactly the null AU condition of AU dropout and CFG. The AU
+branch is kept rather than switched off by the data: the model's architecture (and config hash) does not depend
+on which faces carry AUs, a partially annotated dataset uses the same path, and sampling with masked AUs asks
+the AU branch only for the condition it was trained on. ``au_adapter=false`` is the cheaper equivalent when a
+dataset is known to have no AUs at all. Sampling goes through ``SynFERPipeline``
 (built on the module's own parts, EMA weights when enabled), which is also what the synthesis stage and the saved
 pipeline directory use.
 """
@@ -15,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list, template_caption
-from lightning_modules.conditioning import (AUEncoder, augment_aus, drop_conditions, encode_text,
+from lightning_modules.conditioning import (AUEncoder, augment_aus, class_conditions, drop_conditions, encode_text,
                                             install_au_attention)
-from lightning_modules.generator_components import BACKBONES, build_tiny, load_pretrained
+from lightning_modules.generator_components import (BACKBONES, add_class_embedding, build_tiny, load_pretrained,
+                                                    null_class_id)
 from lightning_modules.generator_pipeline import SAMPLERS, SynFERPipeline, make_sampler
 
 FINETUNE_MODES = ("full", "lora")
@@ -41,6 +52,8 @@ class FERGenerator(L.LightningModule):
         au_noise_std: float = 0.1,
         text_dropout: float = 0.1,
         au_dropout: float = 0.1,
+        label_conditioning: bool = False,
+        label_dropout: float = 0.1,
         train_text_encoder: bool = True,
         finetune: str = "full",
         lora_rank: int = 8,
@@ -60,6 +73,10 @@ class FERGenerator(L.LightningModule):
         self.save_hyperparameters()
         _check_args(backbone, pretrained_path, finetune, lora_rank, text_dropout, au_dropout, au_noise_std, lr,
                     ema_decay, frozen_dtype)
+        if not 0 <= label_dropout < 1:
+            raise ValueError(f"generator.model.label_dropout must be in [0, 1), got {label_dropout}")
+        if label_conditioning and num_classes < 1:
+            raise ValueError(f"generator.model.label_conditioning needs num_classes >= 1, got {num_classes}")
         self.vocab: AUVocabulary = parse_au_list(aus)
         if backbone == "tiny":
             parts = build_tiny(int(image_size or 32), unet, text_encoder, noise_scheduler)
@@ -67,6 +84,9 @@ class FERGenerator(L.LightningModule):
             parts = load_pretrained(pretrained_path, image_size, noise_scheduler)
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.tokenizer, self.noise_scheduler, self.image_size = parts.tokenizer, parts.noise_scheduler, parts.image_size
+        if label_conditioning:  # created after the other parts: the label-free model's init stays as it was
+            add_class_embedding(self.unet, num_classes + 1)
+        self.null_class = null_class_id(self.unet) if label_conditioning else None
         self.au_encoder: Optional[AUEncoder] = None
         self.au_processors = None
         if au_adapter:  # off = the text-only generator of the paper's ablation (AUs reach it only via captions)
@@ -76,11 +96,18 @@ class FERGenerator(L.LightningModule):
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.sample_settings = {**dict(sampler="ddim", steps=25, text_scale=2.0, au_scale=2.0), **(sample or {})}
+        if not label_conditioning:  # only a label-conditioned pipeline takes a label scale
+            self.sample_settings.pop("label_scale", None)
+        elif (self.sample_settings.get("label_scale") or 0) < 0:
+            raise ValueError(f"generator.model.sample.label_scale must be >= 0 or null, "
+                             f"got {self.sample_settings['label_scale']}")
         if self.sample_settings["sampler"] not in SAMPLERS:
             raise ValueError(f"generator.model.sample.sampler must be one of {SAMPLERS}, "
                              f"got {self.sample_settings['sampler']!r}")
         self.ema = None
         self._pending_ema_state: Optional[dict] = None
+        # training faces seen, and those with at least one known AU (None: not recorded, e.g. an older checkpoint)
+        self.faces_seen: Optional[dict[str, int]] = {"faces": 0, "with_aus": 0}
 
     # ------------------------------------------------------------------ parameters
     def _set_trainable(self) -> None:
@@ -103,6 +130,8 @@ class FERGenerator(L.LightningModule):
                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         else:
             self.unet.requires_grad_(True)
+        if self.unet.class_embedding is not None:  # new in a LoRA fine-tune too: trained in full
+            self.unet.class_embedding.requires_grad_(True)
         if self.au_encoder is not None:
             self.au_processors.requires_grad_(True)
             self.au_encoder.requires_grad_(True)
@@ -150,7 +179,11 @@ class FERGenerator(L.LightningModule):
             aus, mask, captions = drop_conditions(aus, mask, captions, hp.text_dropout, hp.au_dropout, generator)
         text = encode_text(self.text_encoder, self.tokenizer, captions, latents.device).to(latents.dtype)
         states = text if self.au_encoder is None else (text, [self.au_encoder(aus, mask)])
-        pred = self.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
+        classes = None
+        if self.null_class is not None:
+            classes = class_conditions(batch["label"].to(latents.device), self.null_class,
+                                       hp.label_dropout if train else 0.0, generator)
+        pred = self.unet(noisy, t, encoder_hidden_states=states, class_labels=classes, return_dict=False)[0]
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
         else:
@@ -162,6 +195,9 @@ class FERGenerator(L.LightningModule):
         if batch["image"].shape[0] == 0:  # every face of the batch failed to load (counted by the datamodule)
             return None
         loss = self.diffusion_loss(batch, train=True)
+        if self.faces_seen is not None:
+            self.faces_seen["faces"] += int(batch["image"].shape[0])
+            self.faces_seen["with_aus"] += int(batch["au_mask"].any(dim=1).sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -189,8 +225,10 @@ class FERGenerator(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["faces_seen"] = self.faces_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.faces_seen = checkpoint.get("faces_seen")
         if "ema" in checkpoint:
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
@@ -227,24 +265,40 @@ class FERGenerator(L.LightningModule):
         scheduler = make_sampler(sampler or self.sample_settings["sampler"], self.noise_scheduler.config)
         pipe = SynFERPipeline(unet=self.unet, scheduler=scheduler, text_encoder=self.text_encoder,
                               tokenizer=self.tokenizer, vae=self.vae, image_size=self.image_size)
-        pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus)
+        pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus, self.trained_on_aus)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    @property
+    def trained_on_aus(self) -> Optional[bool]:
+        """Whether training showed the AU branch any known AU (None: no training recorded)."""
+        if not self.faces_seen or not self.faces_seen["faces"]:
+            return None
+        return self.faces_seen["with_aus"] > 0
+
     @torch.no_grad()
     def sample(self, captions: Sequence[str], aus: Optional[torch.Tensor] = None,
-               au_mask: Optional[torch.Tensor] = None, seeds: Optional[Sequence[int]] = None, **overrides
-               ) -> torch.Tensor:
-        """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled)."""
+               au_mask: Optional[torch.Tensor] = None, seeds: Optional[Sequence[int]] = None,
+               class_labels: Optional[torch.Tensor] = None, **overrides) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] with the module's sampling settings (EMA weights when enabled).
+
+        ``class_labels`` (N,) is the intended expression, the class condition of a label-conditioned generator
+        (ignored without one, like AUs for a text-only generator); unknown labels (< 0) sample the null class.
+        """
         settings = {**self.sample_settings, **overrides}
         if self.au_encoder is None:  # text-only generator (ablation): the AU request reaches it only via captions
             aus = au_mask = None
+        if self.null_class is None:
+            class_labels = None
+            settings.pop("label_scale", None)
+        elif class_labels is not None:
+            class_labels = class_conditions(torch.as_tensor(class_labels), self.null_class)
         was_training = self.training
         self.eval()
         try:
             with self.ema_weights():
                 pipe = self.pipeline(settings.pop("sampler"))
-                return pipe(captions, aus=aus, au_mask=au_mask, seeds=seeds,
+                return pipe(captions, aus=aus, au_mask=au_mask, seeds=seeds, class_labels=class_labels,
                             num_inference_steps=settings.pop("steps"), progress=False, **settings).images
         finally:
             self.train(was_training)

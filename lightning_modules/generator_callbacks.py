@@ -1,10 +1,12 @@
 """Sample grids while the generator trains: rows = expressions x columns = seeds, and an AU sweep (one AU from
-0 to 5 per row, same seed and caption), written as PNG and logged to wandb."""
+0 to 5 per row, same seed and caption), written as PNG and logged to wandb. Data without AU labels gets the
+expression grid only (its rows request no AUs) and no AU sweep."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -13,38 +15,53 @@ from datamodules.batch import FERRecord
 from datamodules.labels import EXPRESSIONS
 from lightning_modules.grids import save_labelled_grid
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GridConditions:
-    """One condition per expression row, and the base condition of the AU sweep."""
+    """One condition per expression row, and the base condition of the AU sweep (None: no AU labels, no sweep)."""
 
     names: list[str]
     captions: list[str]
-    aus: torch.Tensor          # (R, A)
+    aus: torch.Tensor          # (R, A); a row without AUs has them all unknown (mask False)
     au_mask: torch.Tensor      # (R, A)
     sweep_caption: str
-    sweep_aus: torch.Tensor    # (A,)
-    sweep_mask: torch.Tensor   # (A,)
+    sweep_aus: Optional[torch.Tensor]    # (A,)
+    sweep_mask: Optional[torch.Tensor]   # (A,)
+    labels: Optional[list[int]] = None   # the class of each row (the class condition of a label generator)
+    sweep_label: Optional[int] = None    # the class of the sweep's face
+
+    @property
+    def has_aus(self) -> bool:
+        return bool(self.au_mask.numel()) and bool(self.au_mask.any())
 
 
 def grid_conditions(records: Sequence[FERRecord], num_classes: int, num_aus: int) -> GridConditions:
-    """The first record of each class (with its AUs and caption); the sweep starts from a neutral face."""
+    """The first record of each class (preferring one with AUs) with its AUs and caption; the AU sweep starts
+    from a neutral face with AUs (any face with AUs if the neutral one has none) and is None without AU labels."""
     rows: dict[int, FERRecord] = {}
     for rec in records:
-        if 0 <= rec.label < num_classes and rec.label not in rows and rec.aus is not None:
+        if 0 <= rec.label < num_classes and (rec.label not in rows or
+                                             (rows[rec.label].aus is None and rec.aus is not None)):
             rows[rec.label] = rec
     if not rows:
-        raise ValueError("no labelled records with AUs to draw sample grids from")
+        raise ValueError(f"no labelled records (classes 0..{num_classes - 1}) to draw sample grids from")
     order = sorted(rows)
-    ones = torch.ones(num_aus, dtype=torch.bool)
-    masks = [torch.as_tensor(rows[c].au_mask) if rows[c].au_mask is not None else ones for c in order]
-    base = rows.get(0, rows[order[0]])
+    aus = torch.zeros(len(order), num_aus)
+    mask = torch.zeros(len(order), num_aus, dtype=torch.bool)
+    for i, c in enumerate(order):
+        if rows[c].aus is not None:
+            aus[i] = torch.as_tensor(rows[c].aus, dtype=torch.float32)
+            mask[i] = torch.as_tensor(rows[c].au_mask).bool() if rows[c].au_mask is not None else True
+    with_aus = [c for c in order if rows[c].aus is not None]
+    base = (rows[0] if 0 in with_aus else rows[with_aus[0]]) if with_aus else rows.get(0, rows[order[0]])
+    sweep = order.index(base.label)
     return GridConditions(
-        names=[EXPRESSIONS[c] for c in order], captions=[rows[c].caption for c in order],
-        aus=torch.stack([torch.as_tensor(rows[c].aus, dtype=torch.float32) for c in order]),
-        au_mask=torch.stack(masks).bool(), sweep_caption=base.caption,
-        sweep_aus=torch.as_tensor(base.aus, dtype=torch.float32),
-        sweep_mask=torch.as_tensor(base.au_mask if base.au_mask is not None else ones).bool())
+        names=[EXPRESSIONS[c] for c in order], captions=[rows[c].caption for c in order], aus=aus, au_mask=mask,
+        sweep_caption=base.caption, sweep_aus=aus[sweep].clone() if with_aus else None,
+        sweep_mask=mask[sweep].clone() if with_aus else None, labels=order,
+        sweep_label=int(base.label))
 
 
 def render_grids(generator, conds: GridConditions, out_dir: Path, tag: str, seeds: int,
@@ -52,10 +69,15 @@ def render_grids(generator, conds: GridConditions, out_dir: Path, tag: str, seed
     """Write expressions_<tag>.png and au_sweep_<tag>.png; returns their paths."""
     rows = len(conds.names)
     captions = [c for c in conds.captions for _ in range(seeds)]
-    images = generator.sample(captions, conds.aus.repeat_interleave(seeds, 0),
-                              conds.au_mask.repeat_interleave(seeds, 0), seeds=list(range(seeds)) * rows)
+    aus, mask = ((conds.aus.repeat_interleave(seeds, 0), conds.au_mask.repeat_interleave(seeds, 0))
+                 if conds.has_aus else (None, None))
+    classes = None if conds.labels is None else torch.tensor(conds.labels).repeat_interleave(seeds)
+    images = generator.sample(captions, aus, mask, seeds=list(range(seeds)) * rows, class_labels=classes)
     paths = {"expressions": save_labelled_grid(images, conds.names, out_dir / f"expressions_{tag}.png",
                                                col_names=[f"seed {s}" for s in range(seeds)])}
+    if conds.sweep_aus is None:
+        log.info("sample grids: no AU sweep (no AU labels in the data)")
+        return paths
     au_names = list(generator.vocab.aus)
     levels = [float(v) for v in au_levels]
     aus = conds.sweep_aus.repeat(len(au_names) * len(levels), 1)
@@ -64,7 +86,9 @@ def render_grids(generator, conds: GridConditions, out_dir: Path, tag: str, seed
         for j, v in enumerate(levels):
             aus[i * len(levels) + j, i] = v
             mask[i * len(levels) + j, i] = True
-    images = generator.sample([conds.sweep_caption] * len(aus), aus, mask, seeds=[0] * len(aus))
+    sweep_classes = None if conds.sweep_label is None else torch.full((len(aus),), conds.sweep_label)
+    images = generator.sample([conds.sweep_caption] * len(aus), aus, mask, seeds=[0] * len(aus),
+                              class_labels=sweep_classes)
     paths["au_sweep"] = save_labelled_grid(images, [f"AU{a}" for a in au_names], out_dir / f"au_sweep_{tag}.png",
                                            col_names=[f"{v:g}" for v in levels])
     return paths

@@ -1,4 +1,5 @@
-"""The SynFER sampler as a diffusers pipeline: text + AU conditioned, per-sample seeds, separate CFG scales.
+"""The SynFER sampler as a diffusers pipeline: text + AU (+ class label) conditioned, per-sample seeds, separate
+CFG scales.
 
 ``SynFERPipeline`` holds the Stable Diffusion components (``vae`` optional: without it the UNet works in pixel
 space) plus the AU adapter (``au_encoder`` + decoupled AU attention processors). Its denoising loop follows
@@ -9,6 +10,15 @@ Saved as a diffusers pipeline directory (``model_index.json``, ``unet/``, ``text
 ``scheduler/``, ``vae/`` in latent mode) + ``au_adapter.safetensors``/``au_adapter.json`` + LoRA weights
 (``pytorch_lora_weights.safetensors``) when the UNet carries a LoRA. A latent-mode directory also loads with
 ``StableDiffusionPipeline.from_pretrained`` (without the AU branch).
+
+A label-conditioned UNet (``num_class_embeds`` = classes + 1, the last id the null class) takes the intended
+expression as ``class_labels``; the class embedding is part of the UNet's own weights and config, so it needs
+nothing beyond the diffusers layout to save and load. Its guidance nests outside text and AUs::
+
+    eps = eps(∅) + label_scale·(eps(c) - eps(∅)) + text_scale·(eps(c,text) - eps(c)) + au_scale·(eps(c,text,AU) - eps(c,text))
+
+With ``label_scale == text_scale`` (the default) label and text are guided jointly and no extra UNet pass is run;
+``label_scale = 1`` leaves the label as a plain condition (text guided against the same label, no label term).
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, au_at
                                             set_au_attention_scale)
 from lightning_modules.guidance import (GuidancePlan, SemanticGuidance, classifier_guided_noise, combine_guidance,
                                         embedding_guidance_step)
+from lightning_modules.generator_components import null_class_id
 from lightning_modules.guided_sampling import guidance_gradients, invert_to, text_of, with_text
 
 SAMPLERS = ("ddim", "dpmpp")
@@ -73,19 +84,26 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.au_encoder: Optional[AUEncoder] = None
         self.au_processors: Optional[nn.ModuleDict] = None
         self.au_names: list[int] = []
+        self.au_trained: Optional[bool] = None  # False: the AU branch only ever saw unknown AUs (data without AUs)
 
     # ------------------------------------------------------------------ AU adapter
     def set_au_adapter(self, au_encoder: Optional[AUEncoder], au_processors: Optional[nn.ModuleDict],
-                       aus: Sequence[int] = ()) -> None:
+                       aus: Sequence[int] = (), trained_on_aus: Optional[bool] = None) -> None:
         self.au_encoder, self.au_processors, self.au_names = au_encoder, au_processors, list(aus)
+        self.au_trained = trained_on_aus
 
     @property
     def has_au_adapter(self) -> bool:
         return self.au_encoder is not None and self.au_processors is not None
 
+    @property
+    def null_class(self) -> Optional[int]:
+        """The null class id of a label-conditioned UNet (None: the UNet takes no class label)."""
+        return null_class_id(self.unet)
+
     def load_au_adapter(self, directory: str | Path) -> None:
         encoder, processors, config = load_au_adapter(directory, self.unet)
-        self.set_au_adapter(encoder, processors, config.get("aus", []))
+        self.set_au_adapter(encoder, processors, config.get("aus", []), config.get("trained_on_aus"))
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
@@ -110,7 +128,7 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                                    unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict())
         if self.has_au_adapter:
             save_au_adapter(save_directory, self.au_encoder, self.au_processors, self.au_names,
-                            au_attention_scale(self.au_processors))
+                            au_attention_scale(self.au_processors), self.au_trained)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SynFERPipeline":
@@ -159,6 +177,8 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         guide: Optional[nn.Module] = None,
         init_images: Optional[torch.Tensor] = None,
         init_strength: float = 0.0,
+        class_labels: Optional[torch.Tensor] = None,
+        label_scale: Optional[float] = None,
     ) -> SynFEROutput:
         """Images for ``captions`` (+ ``aus``, ``au_mask``): one seed per sample (default 0..N-1).
 
@@ -170,6 +190,9 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         the late steps toward ``labels`` (target expressions) and the requested ``aus``; None or all scales 0 is
         plain sampling. ``init_images`` (N,3,H,W in [0,1]) + ``init_strength`` in (0,1]: layout initialisation —
         start from the DDIM inversion of these faces at that fraction of the trajectory instead of pure noise.
+
+        ``class_labels`` (N,) in ``0 .. null_class`` (the null id = no label) for a label-conditioned UNet (default:
+        the null class); ``label_scale`` its CFG scale (default ``text_scale``; see the module doc).
         """
         captions = list(captions)
         n = len(captions)
@@ -195,6 +218,10 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 au_mask = torch.as_tensor(au_mask, dtype=torch.bool)
                 if au_mask.shape != aus.shape:
                     raise ValueError(f"au_mask shape {tuple(au_mask.shape)} differs from aus {tuple(aus.shape)}")
+        classes = self._check_classes(class_labels, n)
+        label_scale = float(text_scale if label_scale is None else label_scale)
+        if label_scale < 0:
+            raise ValueError(f"label_scale must be >= 0, got {label_scale}")
         negatives = _negative_prompts(negative_prompt, n)
         guidance = semantic_guidance if semantic_guidance is not None and semantic_guidance.enabled else None
         labels = self._check_guidance(guidance, guide, labels, use_aus, n)
@@ -216,7 +243,8 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     au_mask[sl] if (use_aus and au_mask is not None) else None, seeds[sl], plan,
                     num_inference_steps, eta, progress and n <= batch_size, step_callback,
                     guidance, guide, None if labels is None else labels[sl],
-                    None if init_images is None else init_images[sl], float(init_strength)))
+                    None if init_images is None else init_images[sl], float(init_strength),
+                    None if classes is None else classes[sl], label_scale))
         finally:
             self.scheduler = base_scheduler
             if previous_scale is not None:
@@ -228,15 +256,33 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return SynFEROutput(self.image_processor.pt_to_numpy(image), seeds)
         return SynFEROutput(image, seeds)
 
-    def _conditions(self, captions, negatives, aus, au_mask, plan: GuidancePlan) -> dict[str, object]:
-        """Encoder states for each pass of the plan: a text tensor, or (text, [AU tokens]) with the AU branch."""
+    def _check_classes(self, class_labels, n: int) -> Optional[torch.Tensor]:
+        null = self.null_class
+        if null is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but this pipeline's UNet has no class embedding")
+            return None
+        if class_labels is None:
+            return torch.full((n,), null, dtype=torch.long)
+        classes = torch.as_tensor(class_labels, dtype=torch.long)
+        if classes.shape != (n,):
+            raise ValueError(f"class_labels must have shape ({n},), got {tuple(classes.shape)}")
+        if len(classes) and (classes.min() < 0 or classes.max() > null):
+            raise ValueError(f"class_labels must be in [0, {null}] ({null} = no label), got "
+                             f"[{int(classes.min())}, {int(classes.max())}]")
+        return classes
+
+    def _conditions(self, captions, negatives, aus, au_mask, passes: Sequence[str]) -> dict[str, object]:
+        """Encoder states for each pass: a text tensor, or (text, [AU tokens]) with the AU branch; the label pass
+        has the null pass's states (its class id is what differs)."""
         n = len(captions)
         text = self.encode_captions(list(captions))
-        null_text = self.encode_captions(list(negatives)) if "null" in plan.passes else None
+        null_text = self.encode_captions(list(negatives)) if "null" in passes else None
         if not self.has_au_adapter:
-            return {"text": text, "null": null_text}
+            return {"text": text, "null": null_text, "label": null_text}
         null_tokens = self.encode_aus(*null_aus(n, self.au_encoder.num_aus))
         states = {"text": (text, [null_tokens]), "null": (null_text, [null_tokens])}
+        states["label"] = states["null"]
         if aus is not None:
             states["full"] = (text, [self.encode_aus(aus, au_mask)])
         return states
@@ -272,9 +318,19 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _sample_batch(self, captions, negatives, aus, au_mask, seeds, plan, num_inference_steps, eta, progress,
                       step_callback, guidance=None, guide=None, labels=None, init_images=None,
-                      init_strength=0.0) -> torch.Tensor:
+                      init_strength=0.0, classes=None, label_scale=1.0) -> torch.Tensor:
         device = self._execution_device
-        states = self._conditions(captions, negatives, aus, au_mask, plan)
+        passes = list(plan.passes)
+        # the label term needs eps(∅) and eps(c); none when scales agree or no sample has a label
+        label_term = classes is not None and label_scale != plan.text_scale and bool((classes != self.null_class).any())
+        if label_term:
+            passes += [p for p in ("null", "label") if p not in passes]
+        states = self._conditions(captions, negatives, aus, au_mask, passes)
+        pass_classes = None
+        if classes is not None:
+            classes = classes.to(device)
+            null = torch.full_like(classes, self.null_class)
+            pass_classes = {p: null if p == "null" else classes for p in passes}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         size = self.config.image_size // self.vae_scale_factor
@@ -285,9 +341,11 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         first = 0
         if init_images is not None:  # layout initialisation: the last k steps start from the inverted face
             first = len(timesteps) - max(1, int(round(init_strength * len(timesteps))))
-            latents = invert_to(self, init_images, timesteps[first:], self._null_state(len(captions)))
+            latents = invert_to(self, init_images, timesteps[first:], self._null_state(len(captions)),
+                                None if classes is None else torch.full_like(classes, self.null_class))
         extra = _step_kwargs(self.scheduler, generators, eta)
-        joined = _join_states([states[p] for p in plan.passes])
+        joined = _join_states([states[p] for p in passes])
+        joined_classes = None if pass_classes is None else torch.cat([pass_classes[p] for p in passes])
         active = guidance.active_steps(len(timesteps)) if guidance is not None else [False] * len(timesteps)
         guided_pass = "full" if aus is not None else "text"
         steps = list(enumerate(timesteps))[first:]
@@ -295,19 +353,23 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             latent_grad = None
             if active[i]:
                 text_grad, latent_grad = guidance_gradients(self, latents, t, states[guided_pass], guidance, guide,
-                                                            labels, aus, au_mask)
+                                                            labels, aus, au_mask, classes)
                 if text_grad is not None:  # c_text <- c_text - λ ∇/‖∇‖, kept for the following steps
                     text = embedding_guidance_step(text_of(states["text"]), text_grad, guidance.embedding_scale,
                                                    guidance.per_token)
                     for key in ("text", "full"):
                         if key in states:
                             states[key] = with_text(states[key], text)
-                    joined = _join_states([states[p] for p in plan.passes])
+                    joined = _join_states([states[p] for p in passes])
             model_input = self.scheduler.scale_model_input(latents, t)
             # all guidance passes in one UNet call (as StableDiffusionPipeline batches its CFG passes)
-            batched = torch.cat([model_input] * len(plan.passes))
-            out = self.unet(batched, t, encoder_hidden_states=joined, return_dict=False)[0]
-            noise_pred = combine_guidance(plan, dict(zip(plan.passes, out.chunk(len(plan.passes)))))
+            batched = torch.cat([model_input] * len(passes))
+            out = self.unet(batched, t, encoder_hidden_states=joined, class_labels=joined_classes,
+                            return_dict=False)[0]
+            eps = dict(zip(passes, out.chunk(len(passes))))
+            noise_pred = combine_guidance(plan, eps)
+            if label_term:
+                noise_pred = label_guided_noise(noise_pred, eps["label"], eps["null"], label_scale, plan.text_scale)
             if latent_grad is not None:
                 noise_pred = classifier_guided_noise(noise_pred, latent_grad,
                                                      self.scheduler.alphas_cumprod[int(t)].to(device))
@@ -328,6 +390,16 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if self.vae is not None:
             latents = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(latents, output_type="pt", do_denormalize=[True] * len(latents))
+
+
+def label_guided_noise(guided: torch.Tensor, eps_label: torch.Tensor, eps_null: torch.Tensor, label_scale: float,
+                       text_scale: float) -> torch.Tensor:
+    """Add the label's own guidance to the text/AU-guided prediction whose conditional passes carry the label.
+
+    ``guided`` = eps(∅) + text_scale·(eps(c,text) - eps(∅)) [+ AU term]; adding
+    (label_scale - text_scale)·(eps(c) - eps(∅)) gives the nested form of the module doc.
+    """
+    return guided + (label_scale - text_scale) * (eps_label - eps_null)
 
 
 def _join_states(states: list) -> object:

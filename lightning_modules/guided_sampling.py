@@ -52,14 +52,16 @@ def decode_differentiable(pipe, x0: torch.Tensor) -> torch.Tensor:
 
 def guidance_gradients(pipe, latents: torch.Tensor, t, state, guidance: SemanticGuidance, guide: nn.Module,
                        labels: Optional[torch.Tensor], aus: Optional[torch.Tensor],
-                       au_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                       au_mask: Optional[torch.Tensor], class_labels: Optional[torch.Tensor] = None
+                       ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One conditional UNet pass with gradients: (∇_c L_expr for the text embedding or None,
-    ∇_x (classifier_scale·L_expr + au_scale·L_AU) for x_t or None)."""
+    ∇_x (classifier_scale·L_expr + au_scale·L_AU) for x_t or None). ``class_labels``: the class condition of a
+    label-conditioned UNet (None without one)."""
     with torch.enable_grad():
         text = text_of(state).detach().requires_grad_(guidance.embedding_scale > 0)
         x = latents.detach().requires_grad_(guidance.latent_enabled)
         out = pipe.unet(pipe.scheduler.scale_model_input(x, t), t, encoder_hidden_states=with_text(state, text),
-                        return_dict=False)[0]
+                        class_labels=class_labels, return_dict=False)[0]
         alpha_bar = pipe.scheduler.alphas_cumprod[int(t)].to(x.device)
         x0 = predict_x0(x, out, alpha_bar, pipe.scheduler.config.prediction_type)
         scores = guide(decode_differentiable(pipe, x0))
@@ -94,14 +96,16 @@ def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invert_to(pipe, images: torch.Tensor, timesteps: torch.Tensor, state) -> torch.Tensor:
+def invert_to(pipe, images: torch.Tensor, timesteps: torch.Tensor, state,
+              class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DDIM inversion of ``images`` up the sampler's own grid to ``timesteps[0]`` (``timesteps`` descending, as the
-    sampler will run them): the layout-preserving starting point for sampling the remaining steps."""
+    sampler will run them): the layout-preserving starting point for sampling the remaining steps.
+    ``class_labels``: the class condition of a label-conditioned UNet (the null class), None without one."""
     x = encode_images(pipe, images)
     alphas = pipe.scheduler.alphas_cumprod.to(x.device)
     alpha_from, t_from = torch.tensor(1.0, device=x.device), 0   # the clean image
     for t in reversed(timesteps.tolist()):
-        eps = pipe.unet(x, t_from, encoder_hidden_states=state, return_dict=False)[0]
+        eps = pipe.unet(x, t_from, encoder_hidden_states=state, class_labels=class_labels, return_dict=False)[0]
         x = ddim_inversion_step(x, eps, alpha_from, alphas[int(t)], pipe.scheduler.config.prediction_type)
         alpha_from, t_from = alphas[int(t)], int(t)
     return x

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,31 +21,43 @@ from tqdm.auto import tqdm
 
 from datamodules.synthesis import chunk_name
 
+log = logging.getLogger(__name__)
+
 
 class SynthesisModule(L.LightningModule):
     """Wraps a ``SynFERPipeline``: its torch parts are registered as children so the Trainer places them on the
-    rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, ...)."""
+    rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, label_scale, ...).
+    A label-conditioned pipeline gets each face's planned expression (``target_label``) as its class condition."""
 
     def __init__(self, pipe, sample: dict[str, Any], guidance=None, guide: Optional[nn.Module] = None):
         super().__init__()
         self.pipe = pipe
         self.unet, self.text_encoder, self.vae = pipe.unet, pipe.text_encoder, pipe.vae
         self.au_encoder = pipe.au_encoder
+        # a generator trained without AU labels never learned what an AU request means: ask for none
+        self.request_aus = pipe.has_au_adapter and pipe.au_trained is not False
+        if pipe.has_au_adapter and not self.request_aus:
+            log.warning("synthesis: the generator's AU branch was trained without AU labels (au_adapter.json "
+                        "trained_on_aus=false); faces are sampled without the plan's AU targets")
         self.guide = guide
         self.guidance = guidance if guidance is not None and guidance.enabled else None
         settings = dict(sample)
+        if pipe.null_class is None:  # a label scale means nothing to a pipeline without class labels
+            settings.pop("label_scale", None)
         self.call_kwargs = {"num_inference_steps": int(settings.pop("steps", 25)), **settings}
         self.requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         n = len(batch["sample_id"])
-        aus = torch.tensor(batch["target_aus"], dtype=torch.float32) if self.pipe.has_au_adapter else None
+        aus = torch.tensor(batch["target_aus"], dtype=torch.float32) if self.request_aus else None
         au_mask = torch.tensor(batch["au_mask"], dtype=torch.bool) if aus is not None else None
         extra = {}
         if self.guidance is not None:
             extra = {"semantic_guidance": self.guidance, "guide": self.guide,
                      "labels": torch.tensor(batch["target_label"], dtype=torch.long)}
+        if self.pipe.null_class is not None:  # the planned expression is the class condition
+            extra["class_labels"] = torch.tensor(batch["target_label"], dtype=torch.long)
         images = self.pipe(list(batch["caption"]), aus=aus, au_mask=au_mask, seeds=list(batch["seed"]),
                            batch_size=n, progress=False, **self.call_kwargs, **extra).images
         return {"images": images.cpu()}

@@ -104,8 +104,8 @@ def test_records_eval_conditions_are_class_balanced():
     assert sorted(conds.labels.tolist()) == [0, 0, 1, 1, 2, 2]
     assert conds.references.shape == (6, 3, 8, 8) and conds.seeds == [0, 1, 2, 3, 4, 5]
     assert "face 99" not in conds.captions
-    with pytest.raises(ValueError, match="no labelled records with AUs"):
-        records_eval_conditions([_record(0, 1, aus=False)], 2, 3, 0)
+    with pytest.raises(ValueError, match="no labelled records"):
+        records_eval_conditions([_record(0, -1)], 2, 3, 0)
 
 
 def test_grid_conditions_and_callback_arguments():

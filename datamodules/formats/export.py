@@ -54,6 +54,7 @@ from datamodules.labels import (CONTEMPT, EXPRESSIONS, FER2013_TO_CANONICAL, FER
 
 ALL_FORMATS = ("affectnet", "affectnet_npy", "rafdb", "fer2013", "ferplus", "imagefolder", "openface", "captions")
 SIDECARS = ("openface", "captions")
+SIDECAR_MODES = ("all", "none", "partial")
 JPEG_QUALITY = 95
 FER_SIDE = 48
 OPENFACE_CSV = "openface_aus.csv"
@@ -195,6 +196,40 @@ def _check(splits: Mapping[str, Sequence[ExportSample]], vocab: AUVocabulary) ->
                 if ((known < 0) | (known > vocab.max_intensity)).any():
                     raise ValueError(f"export: sample {s.name!r}: AU intensities outside [0, {vocab.max_intensity}]")
             _rgb(s.image, s.name)
+
+
+def with_sidecars(splits: Mapping[str, Sequence[ExportSample]], formats: Sequence[str], mode: str = "all",
+                  au_fraction: float = 0.5, seed: int = 0
+                  ) -> tuple[dict[str, list[ExportSample]], tuple[str, ...]]:
+    """The samples and formats of an export as researchers download it: ``mode`` is
+
+    - ``all``: the OpenFace AU csv and the captions jsonl for every face (unchanged);
+    - ``none``: no sidecar at all (asking for ``openface``/``captions`` in ``formats`` is then an error);
+    - ``partial``: AUs for a seeded ``au_fraction`` of the faces (the others get OpenFace's success=0 row, i.e.
+      unknown AUs, as when OpenFace finds no face); captions for every face.
+
+    The image formats never carry AUs or captions, so they are the same files in every mode.
+    """
+    if mode not in SIDECAR_MODES:
+        raise ValueError(f"export: sidecars must be one of {SIDECAR_MODES}, got {mode!r}")
+    formats = tuple(formats)
+    splits = {split: list(samples) for split, samples in splits.items()}
+    if mode == "all":
+        return splits, formats
+    if mode == "none":
+        asked = [f for f in formats if f in SIDECARS]
+        if asked:
+            raise ValueError(f"export: sidecars=none but formats ask for {asked}")
+        return splits, formats
+    if not 0.0 <= au_fraction <= 1.0:
+        raise ValueError(f"export: au_fraction must be in [0, 1], got {au_fraction}")
+    names = [s.name for split in SPLITS for s in splits.get(split, ())]
+    rng = np.random.default_rng([seed, len(ALL_FORMATS)])  # a stream no format's own rng uses
+    keep = set(np.asarray(names)[rng.permutation(len(names))[:int(round(au_fraction * len(names)))]].tolist())
+    for split, samples in splits.items():
+        splits[split] = [s if s.name in keep else ExportSample(s.name, s.image, s.label, None, s.caption)
+                         for s in samples]
+    return splits, formats
 
 
 # ------------------------------------------------------------------ the exporter
