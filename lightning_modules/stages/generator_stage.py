@@ -179,7 +179,8 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
         conds = toy_eval_conditions(datamodule.toy_config, per_class, datamodule.num_classes, datamodule.vocab.aus,
                                     tuple(ev.intensity_range), seed)
     else:
-        conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed)
+        conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed,
+                                        num_aus=len(datamodule.vocab))
     guidance = semantic_guidance(cfg.generator.guidance)
     guide = (load_guide(str(cfg.generator.guidance.classifier), int(cfg.data.image_size), model.device)
              if guidance.enabled else None)
@@ -190,9 +191,11 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
                                              compare_unguided=bool(ev.compare_unguided))
     if ev.save_samples:
         metrics["eval_set"] = str(save_eval_set(out_dir / "eval_set", images, conds, cfg))
-    cols = min(per_class, 8)
-    pick = [c * per_class + j for c in range(len(conds) // per_class) for j in range(cols)]
+    # a real test set may hold fewer than per_class faces of a rare class (or none): the grid takes as many columns
+    # as the rarest drawn class fills
     names = sorted({int(x) for x in conds.labels.tolist()})
+    cols = min(8, *[int((conds.labels == c).sum()) for c in names])
+    pick = [i for c in names for i in (conds.labels == c).nonzero().flatten().tolist()[:cols]]
     save_labelled_grid(images[pick], [EXPRESSIONS[c] for c in names], out_dir / "grids" / "eval_samples.png")
     for lg in loggers:
         if hasattr(lg, "log_metrics"):
