@@ -16,7 +16,6 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from datamodules.batch import FERDataLoader, FERRecord, RecordDataset, collate_fer

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list, template_caption
 from lightning_modules.conditioning import (AUEncoder, augment_aus, class_conditions, drop_conditions, encode_text,
                                             install_au_attention)
-from lightning_modules.generator_components import (BACKBONES, add_class_embedding, build_tiny, load_pretrained,
-                                                    null_class_id)
-from lightning_modules.generator_pipeline import SAMPLERS, SynFERPipeline, make_sampler
+from lightning_modules.generator_components import (BACKBONES, SAMPLERS, add_class_embedding, build_tiny,
+                                                    load_pretrained, make_sampler, null_class_id)
+from lightning_modules.generator_pipeline import SynFERPipeline
 
 FINETUNE_MODES = ("full", "lora")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -7,9 +7,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch.nn as nn
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 BACKBONES = ("tiny", "pretrained")
+SAMPLERS = ("ddim", "dpmpp")
+
+
+def make_sampler(name: str, config) -> object:
+    """A sampling scheduler built from a (training) scheduler config: DDIM or DPM-Solver++ (2nd order)."""
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
+    if name == "dpmpp":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       steps_offset=1)
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 # The CPU default: attention only at the 8x8 level (self-attention at 16x16 halves the throughput: measured
@@ -110,3 +123,22 @@ def null_class_id(unet) -> Optional[int]:
     if n is None or getattr(unet.config, "class_embed_type", None) is not None:
         return None
     return int(n) - 1
+
+
+def lora_state_dict(unet) -> Optional[dict]:
+    """The UNet's LoRA weights in diffusers naming (None without a LoRA), as ``save_lora_weights`` takes them."""
+    if not getattr(unet, "peft_config", None):
+        return None
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def base_unet_without_lora(unet):
+    """A copy of a LoRA-carrying UNet without its LoRA layers (the frozen base weights)."""
+    base = type(unet).from_config(unet.config)
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
+             if "lora_" not in k and ".processor." not in k}
+    base.load_state_dict(state)
+    return base.to(dtype=unet.dtype)

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -40,21 +40,10 @@ from lightning_modules.conditioning import (AU_ADAPTER_WEIGHTS, AUEncoder, au_at
                                             set_au_attention_scale)
 from lightning_modules.guidance import (GuidancePlan, SemanticGuidance, classifier_guided_noise, combine_guidance,
                                         embedding_guidance_step)
-from lightning_modules.generator_components import null_class_id
+from lightning_modules.generator_components import base_unet_without_lora, lora_state_dict, make_sampler, null_class_id
 from lightning_modules.guided_sampling import guidance_gradients, invert_to, text_of, with_text
 
-SAMPLERS = ("ddim", "dpmpp")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-
-
-def make_sampler(name: str, config) -> object:
-    """A sampling scheduler built from a (training) scheduler config: DDIM or DPM-Solver++ (2nd order)."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, steps_offset=1, clip_sample=False, set_alpha_to_one=False)
-    if name == "dpmpp":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
-                                                       steps_offset=1)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 @dataclass
@@ -111,12 +100,12 @@ class SynFERPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         folder stays loadable by plain diffusers."""
         save_directory = Path(save_directory)
         unet = self.unet
-        lora_state = _lora_state_dict(unet)
+        lora_state = lora_state_dict(unet)
         processors = unet.attn_processors
         try:
             unet.set_attn_processor(plain_attention_processors(unet))
             if lora_state is not None:
-                self.register_modules(unet=_base_unet(unet))
+                self.register_modules(unet=base_unet_without_lora(unet))
             super().save_pretrained(save_directory, **kwargs)
         finally:
             self.register_modules(unet=unet)
@@ -430,21 +419,3 @@ def _step_kwargs(scheduler, generators, eta: float) -> dict:
     if "generator" in params:
         kwargs["generator"] = generators
     return kwargs
-
-
-def _lora_state_dict(unet) -> Optional[dict]:
-    if not getattr(unet, "peft_config", None):
-        return None
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def _base_unet(unet):
-    """A copy of a LoRA-carrying UNet without its LoRA layers (the frozen base weights)."""
-    base = type(unet).from_config(unet.config)
-    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items()
-             if "lora_" not in k and ".processor." not in k}
-    base.load_state_dict(state)
-    return base.to(dtype=unet.dtype)

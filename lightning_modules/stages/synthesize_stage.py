@@ -272,7 +272,7 @@ def load_synthesizer(cfg: DictConfig, vocab):
 
 
 def check_sample_settings(cfg: DictConfig) -> None:
-    from lightning_modules.generator_pipeline import SAMPLERS
+    from lightning_modules.generator_components import SAMPLERS
 
     sample = OmegaConf.to_container(cfg.synthesis.sample, resolve=True)
     require(sample.get("sampler", "ddim") in SAMPLERS, "synthesis.sample.sampler",
