@@ -137,8 +137,8 @@ def classifier_notes(rows: dict[str, dict]) -> list[str]:
         ratio = m["optimizer steps"] / base["optimizer steps"]
         if ratio > 1:
             lines.append(f"- {stage} trained {ratio:.2g}x the optimizer steps of the real-only student "
-                         f"({m['optimizer steps']} vs {base['optimizer steps']}, same epochs over a larger set): part "
-                         f"of any gain is longer training.")
+                         f"({m['optimizer steps']} vs {base['optimizer steps']}, same epochs over a larger set): the "
+                         f"two differ in training length as well as in data.")
     return lines + [""]
 
 
