@@ -24,8 +24,11 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q tests
 
+# The demo runs on the GPU when torch sees one (trainer=gpu: bf16-mixed), else with the CPU defaults.
+DEMO_TRAINER = $(shell $(PY) -c "import torch; print('trainer=gpu' if torch.cuda.is_available() else '')")
+
 demo: install
-	$(PY) train.py stage=pipeline experiment=toy_quick
+	$(PY) train.py stage=pipeline experiment=toy_quick $(DEMO_TRAINER)
 
 grid: install
 	$(PY) scripts/toyfaces_grid.py --out docs/toyfaces_grid.png

@@ -94,6 +94,54 @@ def is_ablation(jobs: Sequence[JobResult]) -> bool:
     return len({j.experiment for j in jobs if j.experiment}) >= 2
 
 
+# ------------------------------------------------------------------------------------------------ protocol
+PROTOCOL_COLUMNS = ("seeds", "epochs", "optimizer steps", "batch size")
+
+
+def protocol_of(metrics: dict, config: Optional[dict]) -> dict[str, Any]:
+    """How one classifier run was trained: one seed (a stage folder is one run), epochs, optimizer steps per rank
+    (epochs x train batches per epoch, x 1/accumulate_grad_batches) and batch size; None where unknown."""
+    config = config or {}
+    epochs, per_epoch = metrics.get("epochs"), metrics.get("train_batches_per_epoch")
+    accumulate = select(config, "trainer.accumulate_grad_batches") or 1
+    steps = int(epochs) * int(per_epoch) // int(accumulate) if epochs is not None and per_epoch is not None else None
+    return {"seeds": 1, "epochs": epochs, "optimizer steps": steps, "batch size": select(config, "data.batch_size")}
+
+
+def binomial_se(acc: float, n: int) -> float:
+    """Standard error of an accuracy measured on ``n`` independent test faces."""
+    return (acc * (1 - acc) / n) ** 0.5
+
+
+def classifier_notes(rows: dict[str, dict]) -> list[str]:
+    """What the classifier table can and cannot show: seeds per row, the test-set noise floor, and students that
+    trained more optimizer steps than the real-only one. ``rows``: stage -> metrics merged with ``protocol_of``."""
+    lines = ["What this table shows:", "",
+             "- **One seed per row** (each row is one training run). Seed-to-seed variation is not measured here and "
+             "comes on top of the test-set noise below, so one seed cannot separate differences of a few points."]
+    measured = [(m["test/acc"], int(m["data/test_size"])) for m in rows.values()
+                if m.get("test/acc") is not None and m.get("data/test_size")]
+    if measured:
+        n = min(size for _, size in measured)
+        se = max(binomial_se(acc, size) for acc, size in measured)
+        lines.append(f"- Test-set noise alone: ± {100 * se:.1f} points (one standard error, {n} test faces); a "
+                     f"difference between two rows below {100 * 2 * 2 ** 0.5 * se:.1f} points (2 standard errors "
+                     f"of a difference) is noise.")
+    real = {s: m for s, m in rows.items() if m.get("data/mix/mode") == "real_only"}
+    base = next((m for s, m in real.items() if s == "student"), next(iter(real.values()), None))
+    for stage, m in rows.items():
+        mode = m.get("data/mix/mode")
+        if base is None or mode in (None, "real_only") or not m.get("optimizer steps") \
+                or not base.get("optimizer steps"):
+            continue
+        ratio = m["optimizer steps"] / base["optimizer steps"]
+        if ratio > 1:
+            lines.append(f"- {stage} trained {ratio:.2g}x the optimizer steps of the real-only student "
+                         f"({m['optimizer steps']} vs {base['optimizer steps']}, same epochs over a larger set): the "
+                         f"two differ in training length as well as in data.")
+    return lines + [""]
+
+
 # ------------------------------------------------------------------------------------------------ scaling
 @dataclass
 class ScalingTable:

@@ -209,3 +209,49 @@ def test_report_config_node_composes(tmp_path):
 
     cfg = compose([*TINY, "stage=report", "report.dirs=[a,b]"], tmp_path / "run")
     assert list(cfg.report.dirs) == ["a", "b"] and cfg.report.baseline is None and cfg.report.grid_per_class == 8
+    assert cfg.report.note is None
+
+
+# ------------------------------------------------------------------ honesty: note, seeds, noise, optimizer steps
+def _classifier(run, stage, acc, mode, epochs, per_epoch, test_size=1000, batch=64):
+    _write(run, stage, {"test/acc": acc, "data/mix/mode": mode, "epochs": epochs,
+                        "train_batches_per_epoch": per_epoch, "data/test_size": test_size})
+    (run / stage / "config.yaml").write_text(yaml.safe_dump({"experiment_name": "t", "seed": 0,
+                                                             "data": {"batch_size": batch},
+                                                             "mix": {"mode": mode}, "student": {"name": stage}}))
+
+
+@pytest.mark.parametrize("per_epoch_mix, more_steps_line", [
+    (24, "- student_mix trained 1.5x the optimizer steps of the real-only student (192 vs 128"),
+    (16, None),                                            # same steps: no claim about longer training
+])
+def test_classifier_table_states_seeds_noise_and_steps(tmp_path, per_epoch_mix, more_steps_line):
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "run"
+    _classifier(run, "student", 0.43, "real_only", epochs=8, per_epoch=16)
+    _classifier(run, "student_mix", 0.48, "concat", epochs=8, per_epoch=per_epoch_mix)
+    run_report(_cfg(run, note="Smoke run: one seed, a few minutes of CPU"))
+    text = (run / "report" / "results.md").read_text()
+    assert text.splitlines()[:4] == ["# SynFER results: t", "", "> **Smoke run: one seed, a few minutes of CPU**", ""]
+    rows = _table_rows(text, "## FER classifiers")
+    assert rows[0].endswith("| seeds | epochs | optimizer steps | batch size |")
+    assert rows[1].startswith("| student | 0.4300 |") and rows[1].endswith("| 1 | 8 | 128 | 64 |")
+    assert rows[2].endswith(f"| 1 | 8 | {8 * per_epoch_mix} | 64 |")
+    assert "**One seed per row**" in text
+    # binomial SE at the noisier row: sqrt(.48 * .52 / 1000) = 1.58 points; a difference needs 2 * sqrt(2) * SE
+    assert "± 1.6 points (one standard error, 1000 test faces)" in text and "below 4.5 points" in text
+    assert (more_steps_line in text) if more_steps_line else ("optimizer steps of the real-only" not in text)
+
+
+def test_no_note_no_banner_and_bad_note_is_a_config_error(tmp_path):
+    from lightning_modules.runtime import ConfigError
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "run"
+    _classifier(run, "student", 0.5, "real_only", epochs=2, per_epoch=4, test_size=0)   # no test size: no SE line
+    run_report(_cfg(run))
+    text = (run / "report" / "results.md").read_text()
+    assert ">" not in text.split("## FER classifiers", 1)[0] and "Test-set noise" not in text
+    with pytest.raises(ConfigError, match="report.note"):
+        run_report(_cfg(run, note=["not", "a", "string"]))

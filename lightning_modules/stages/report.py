@@ -16,9 +16,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import runtime
-from lightning_modules.report_plots import (JobResult, StudentRecord, ablation_markdown, ablation_metrics,
-                                            ablation_rows, fmt, is_ablation, natural_key, plot_ablation,
-                                            plot_scaling, save_synthetic_samples, scaling_markdown, scaling_metrics,
+from lightning_modules.report_plots import (PROTOCOL_COLUMNS, JobResult, StudentRecord, ablation_markdown,
+                                            ablation_metrics, ablation_rows, classifier_notes, fmt, is_ablation,
+                                            natural_key, plot_ablation, plot_scaling, protocol_of,
+                                            save_synthetic_samples, scaling_markdown, scaling_metrics,
                                             scaling_table, select, switches_of)
 
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
@@ -151,14 +152,19 @@ def _table(rows: dict[str, dict], columns: Sequence[str]) -> list[str]:
 
 
 def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
-                      sections: Sequence[str] = (), samples: Sequence[str] = ()) -> str:
+                      sections: Sequence[str] = (), samples: Sequence[str] = (),
+                      configs: Optional[dict[str, Optional[dict]]] = None, note: Optional[str] = None) -> str:
     """results.md of one run folder's ``metrics``; ``sections`` (markdown lines: scaling, ablation) follow the
-    classifier table, ``samples`` (markdown lines) the data card; ``images`` are linked at the end."""
+    classifier table, ``samples`` (markdown lines) the data card; ``images`` are linked at the end. ``configs``
+    (stage -> resolved config) give each classifier's protocol (batch size); ``note`` is a banner under the title."""
     generators = {s: m for s, m in metrics.items() if s == "generator"}
-    classifiers = {s: m for s, m in metrics.items() if "test/acc" in m}
+    classifiers = {s: {**m, **protocol_of(m, (configs or {}).get(s))} for s, m in metrics.items() if "test/acc" in m}
     lines = [f"# {title}", ""]
+    if note:
+        lines += [f"> **{note.strip()}**", ""]
     if classifiers:
-        lines += ["## FER classifiers (tested on real data)", "", *_table(classifiers, HEADLINE)]
+        lines += ["## FER classifiers (tested on real data)", "", *_table(classifiers, (*HEADLINE, *PROTOCOL_COLUMNS)),
+                  *classifier_notes(classifiers)]
         mixed = {s: m for s, m in classifiers.items() if m.get("data/mix/mode") not in (None, "real_only")}
         if mixed:
             lines += ["Students on synthetic faces:", "", *_table(mixed, ("data/mix/mode", "data/mix/scale",
@@ -256,7 +262,11 @@ def run_report(cfg: DictConfig) -> dict:
         _, toy_config = parse_toy_options(OmegaConf.to_container(cfg.data.toy, resolve=True))
         save_sample_grid(toy_config, out_dir / "toyfaces_grid.png")
         images.append("toyfaces_grid.png")
-    text = render_results_md(metrics, images, f"SynFER results: {cfg.experiment_name}", sections, samples)
+    note = OmegaConf.select(cfg, "report.note", default=None)
+    runtime.require(note is None or isinstance(note, str), "report.note", f"must be a string or null, got {note!r}")
+    configs = {stage: read_config(run_dir / stage) for stage in metrics}
+    text = render_results_md(metrics, images, f"SynFER results: {cfg.experiment_name}", sections, samples,
+                             configs, note)
     (out_dir / "results.md").write_text(text)
     runtime.write_metrics(out_dir, {**metrics, **extra})  # flattened to "<stage>/<metric>" keys
     return {"report_dir": str(out_dir), "stages": list(metrics), "jobs": 1 + sum(map(len, groups))}
