@@ -202,6 +202,10 @@ def test_generator_table_optional_columns():
     assert "| generator | 0.5000 | 0.3000 |" in with_fid
     plain = render_results_md({"generator": {"eval/fer_acc": 0.5}}, [], "t")
     assert "eval/fid" not in plain and "eval/unguided" not in plain
+    assert "No AU conditioning" not in plain
+    no_aus = render_results_md({"generator": {"eval/fer_acc": 0.5, "eval/au_metrics_skipped": "no AU labels in the data"}},
+                               [], "t")
+    assert "No AU conditioning for `generator`: AU metrics skipped (no AU labels in the data)." in no_aus
 
 
 def test_report_config_node_composes(tmp_path):

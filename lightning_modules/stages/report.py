@@ -177,6 +177,9 @@ def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
         lines += ["## Generator (teacher's FER accuracy, AU Pearson r and FID on generated faces; reference = the "
                   "real faces behind the same conditions; unguided = sampled without semantic guidance)", "",
                   *_table(generators, columns)]
+        for stage, m in generators.items():  # data without AU labels: say so instead of a row of dashes
+            if m.get("eval/au_metrics_skipped"):
+                lines += [f"No AU conditioning for `{stage}`: AU metrics skipped ({m['eval/au_metrics_skipped']}).", ""]
     if "synthesize" in metrics:
         lines += ["## Synthesis", "", *_table({"synthesize": metrics["synthesize"]}, SYNTHESIS_HEADLINE)]
     if "relabel" in metrics:
