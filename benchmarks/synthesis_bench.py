@@ -1,6 +1,6 @@
 """`stage=synthesize` at scale: peak memory N vs 4N faces, and the stage's throughput vs a plain sampler loop.
 
-Two measurements for "synthesis at scale" (DESIGN.md §2 / §6), each reported as a ratio measured in the same run,
+Two measurements for "synthesis at scale", each reported as a ratio measured in the same run,
 never asserted:
 
 1. peak RSS   — ``run_synthesize_stage`` on a plan of N faces and on one of 4N faces, each in a fresh Python process

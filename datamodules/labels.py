@@ -1,6 +1,6 @@
 """Canonical expression ids, per-dataset label maps and the action-unit vocabulary.
 
-Expression ids follow AffectNet's order (DESIGN.md §4). Every reader maps its dataset's own ids into these,
+Expression ids follow AffectNet's order. Every reader maps its dataset's own ids into these,
 so the rest of the suite only ever sees canonical ids.
 """
 from __future__ import annotations

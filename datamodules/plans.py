@@ -1,4 +1,4 @@
-"""Synthesis condition plans: which face to generate for every synthetic sample (DESIGN.md §2, stage=synthesize).
+"""Synthesis condition plans: which face to generate for every synthetic sample (stage=synthesize).
 
 A plan is a deterministic table with one row per synthetic sample:
 

@@ -1,4 +1,4 @@
-"""The synthetic-face store: HF ``datasets`` shards + an atomically written ``manifest.json`` (DESIGN.md §4).
+"""The synthetic-face store: HF ``datasets`` shards + an atomically written ``manifest.json``.
 
 A synthetic set is a folder::
 
@@ -236,7 +236,7 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
 
 
 class SyntheticFERDataset(torch.utils.data.Dataset):
-    """A synthetic set as standard FER samples (DESIGN.md §4 batch dict): the relabelled ``final_label`` /
+    """A synthetic set as standard FER samples (the FERBatch dict): the relabelled ``final_label`` /
     ``soft_label`` when present (``use_relabel``), else the conditioned ``target_label``; ``kept_only`` hides the
     samples the vote dropped. ``soft_labels``: None = a ``soft_label`` exactly when relabelled, True = always
     (one-hot for conditioned labels), False = never (a batch needs the same keys in every item)."""

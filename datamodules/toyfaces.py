@@ -1,4 +1,4 @@
-"""The embedded procedural FACS faces (DESIGN.md §5): cartoon faces with ground-truth AUs, expressions, captions.
+"""The embedded procedural FACS faces: cartoon faces with ground-truth AUs, expressions, captions.
 
 Speed (measured, 1 core of a shared 2-core VM, supersample 4, full ``sample_toyface`` incl. sampling and caption):
 ~500 img/s at 48 px (400-560 across runs), about the same at 32 px, ~430 img/s at 64 px.
