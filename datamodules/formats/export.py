@@ -39,6 +39,7 @@ import collections
 import json
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -392,7 +393,7 @@ def export_fer_dataset(splits: Mapping[str, Sequence[ExportSample]], out_dir, fo
 
         skipped = result.skipped[fmt]
         if skipped:
-            print(f"export_fer_dataset: {fmt}: skipped {dict(skipped)}")
+            warnings.warn(f"export_fer_dataset: {fmt}: skipped {dict(skipped)}", stacklevel=2)
 
     summary = {"seed": seed, "vocab": list(vocab.aus),
                "formats": {f: {"path": str(result[f]), "counts": result.counts[f], "skipped": dict(result.skipped[f])}
