@@ -107,3 +107,4 @@ def test_cluster_experiments_compose_for_gpus(experiment, data):
     # the user's local folders: data.root is required, the SD folder is checked by stage=generator (not set here)
     assert OmegaConf.is_missing(cfg.data, "root") and cfg.generator.model.pretrained_path in (None, "???")
     assert cfg.synthesis.plan.scale == 5.0
+    assert cfg.synthesis.guidance.embedding_scale == 1.0  # the README: the cluster experiments use SG with λ = 1
