@@ -106,8 +106,11 @@ class FERGenerator(L.LightningModule):
                              f"got {self.sample_settings['sampler']!r}")
         self.ema = None
         self._pending_ema_state: Optional[dict] = None
-        # training faces seen, and those with at least one known AU (None: not recorded, e.g. an older checkpoint)
-        self.faces_seen: Optional[dict[str, int]] = {"faces": 0, "with_aus": 0}
+        # training faces seen, and those with at least one known AU (not recorded: an older checkpoint). The AU
+        # count stays a tensor on the batch's device: an int() per step would stall a GPU every step.
+        self._faces_recorded = True
+        self._faces = 0
+        self._faces_with_aus = torch.zeros((), dtype=torch.long)
 
     # ------------------------------------------------------------------ parameters
     def _set_trainable(self) -> None:
@@ -195,9 +198,10 @@ class FERGenerator(L.LightningModule):
         if batch["image"].shape[0] == 0:  # every face of the batch failed to load (counted by the datamodule)
             return None
         loss = self.diffusion_loss(batch, train=True)
-        if self.faces_seen is not None:
-            self.faces_seen["faces"] += int(batch["image"].shape[0])
-            self.faces_seen["with_aus"] += int(batch["au_mask"].any(dim=1).sum())
+        if self._faces_recorded:
+            self._faces += int(batch["image"].shape[0])  # a shape, no device sync
+            mask = batch["au_mask"]
+            self._faces_with_aus = self._faces_with_aus.to(mask.device) + mask.any(dim=1).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
 
@@ -228,7 +232,10 @@ class FERGenerator(L.LightningModule):
         checkpoint["faces_seen"] = self.faces_seen
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.faces_seen = checkpoint.get("faces_seen")
+        seen = checkpoint.get("faces_seen")
+        self._faces_recorded = seen is not None
+        self._faces = int(seen["faces"]) if seen else 0
+        self._faces_with_aus = torch.tensor(int(seen["with_aus"]) if seen else 0)
         if "ema" in checkpoint:
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
@@ -268,6 +275,13 @@ class FERGenerator(L.LightningModule):
         pipe.set_au_adapter(self.au_encoder, self.au_processors, self.vocab.aus, self.trained_on_aus)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @property
+    def faces_seen(self) -> Optional[dict[str, int]]:
+        """Training faces seen and those with at least one known AU; None when not recorded (older checkpoint)."""
+        if not self._faces_recorded:
+            return None
+        return {"faces": self._faces, "with_aus": int(self._faces_with_aus)}
 
     @property
     def trained_on_aus(self) -> Optional[bool]:

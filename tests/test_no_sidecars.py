@@ -238,6 +238,13 @@ def test_synthesis_requests_no_aus_from_a_generator_trained_without_them(tmp_pat
         warnings.simplefilter("ignore")  # self.log without a Trainer
         gen.training_step(batch, 0)
     assert gen.faces_seen == {"faces": 4, "with_aus": 4 * known_aus} and gen.trained_on_aus is trained
+    checkpoint = {}  # the count survives a resume; an older checkpoint without it records nothing
+    gen.on_save_checkpoint(checkpoint)
+    resumed, older = FERGenerator(**SMALL_GEN), FERGenerator(**SMALL_GEN)
+    resumed.on_load_checkpoint(checkpoint)
+    older.on_load_checkpoint({})
+    assert resumed.faces_seen == gen.faces_seen and resumed.trained_on_aus is trained
+    assert older.faces_seen is None and older.trained_on_aus is None
     gen.save_generator(tmp_path / "pipe")
     assert json.loads((tmp_path / "pipe" / "au_adapter.json").read_text())["trained_on_aus"] is trained
     pipe = SynFERPipeline.from_pretrained(tmp_path / "pipe")
