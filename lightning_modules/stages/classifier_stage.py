@@ -148,8 +148,7 @@ def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     from datamodules.mix import MixedFERDataModule
     from datamodules.synthetic import verify_synthetic
 
-    check_mix_config(cfg)
-    mix = OmegaConf.to_container(cfg.mix, resolve=True)
+    mix = OmegaConf.to_container(cfg.mix, resolve=True)  # checked by check_classifier_config
     mix["synthetic"] = synthetic_sets(cfg) if mix["mode"] != "real_only" else None
     if mix["mode"] != "real_only":  # a missing or damaged set must stop the run now, not after the real data is read
         for path in mix["synthetic"]:
