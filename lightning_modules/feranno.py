@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightning_modules.classifier import FERClassifierBase
+from lightning_modules.generator_components import null_class_id
 from lightning_modules.guidance import ddim_inversion_step
 
 NOISE_MODES = ("add", "invert")
@@ -245,10 +246,17 @@ class FERAnnoTeacher(FERClassifierBase):
             noise = torch.randn_like(x0) if self.training else self.eval_noise.to(x0).expand_as(x0)
             return self.noise_scheduler.add_noise(x0, noise, steps)
         zero = torch.zeros_like(steps)
-        out = self.unet(x0, zero, encoder_hidden_states=states, return_dict=False)[0]
+        out = self.unet(x0, zero, encoder_hidden_states=states, class_labels=self._null_classes(n, x0.device),
+                        return_dict=False)[0]
         self.tap.clear()
         return ddim_inversion_step(x0, out, self.alphas_cumprod[0], self.alphas_cumprod[t],
                                    self.prediction_type).to(x0.dtype)
+
+    def _null_classes(self, n: int, device) -> Optional[torch.Tensor]:
+        """A label-conditioned generator's UNet needs class labels: the null class, so the features that classify
+        the expression are never told the answer."""
+        null = null_class_id(self.unet)
+        return None if null is None else torch.full((n,), null, device=device, dtype=torch.long)
 
     @torch.no_grad()
     def unet_features(self, image: torch.Tensor) -> list[torch.Tensor]:
@@ -260,7 +268,8 @@ class FERAnnoTeacher(FERClassifierBase):
         x_t = self.noisy_input(x0, states)
         steps = torch.full((x0.shape[0],), int(self.hparams.timestep), device=x0.device, dtype=torch.long)
         self.tap.clear()
-        self.unet(x_t, steps, encoder_hidden_states=states, return_dict=False)
+        self.unet(x_t, steps, encoder_hidden_states=states, class_labels=self._null_classes(x0.shape[0], x0.device),
+                  return_dict=False)
         return [f.float() for f in self.tap.collect()]
 
     # ------------------------------------------------------------------ forward

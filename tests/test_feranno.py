@@ -87,6 +87,25 @@ def test_pipeline_without_au_adapter_uses_text_only(pipeline_dir, tmp_path):
         assert model(_images(2))["logits"].shape == (2, 8)
 
 
+@pytest.mark.parametrize("noise", ["add", "invert"])
+def test_label_conditioned_generator_gets_the_null_class(tmp_path, noise):
+    """A generator trained with class labels (datasets without AUs) needs class labels in every UNet call; FERAnno
+    gives the null class, so features never depend on a label it is meant to predict."""
+    from lightning_modules.generator import FERGenerator
+
+    torch.manual_seed(0)
+    generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None,
+                             label_conditioning=True)
+    generator.save_generator(tmp_path / "pipe")
+    model = FERAnnoTeacher(generator_path=str(tmp_path / "pipe"), noise=noise, **HEAD).eval()
+    seen = []
+    model.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["class_labels"]),
+                                         with_kwargs=True)
+    with torch.no_grad():
+        assert model(_images(2))["logits"].shape == (2, 8)
+    assert seen and all(c.tolist() == [generator.null_class] * 2 for c in seen)
+
+
 def test_latent_mode_encodes_with_the_frozen_vae(tmp_path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
