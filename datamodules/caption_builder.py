@@ -184,8 +184,7 @@ class CaptionBuilder:
     def caption(self, label: int, aus: Optional[Sequence[float]] = None, au_mask: Optional[Sequence[bool]] = None,
                 rng: Optional[np.random.Generator] = None) -> str:
         """One caption; ``rng`` is needed when the family has a choice (several templates, attributes)."""
-        text = self.templates[self._draw(len(self.templates), rng)] if len(self.templates) > 1 else self.templates[0]
-        return self.fill(text, label, aus, au_mask, rng)
+        return self.fill(self.templates[self._draw(len(self.templates), rng)], label, aus, au_mask, rng)
 
     def fill(self, text: str, label: int, aus: Optional[Sequence[float]] = None,
              au_mask: Optional[Sequence[bool]] = None, rng: Optional[np.random.Generator] = None) -> str:

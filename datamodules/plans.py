@@ -199,7 +199,8 @@ class ConditionPlan:
     def __init__(self, config: PlanConfig, labels: np.ndarray, vocab: AUVocabulary, real: Optional[RealStats],
                  prompts: list[dict] | None, captioner: CaptionBuilder) -> None:
         if tuple(captioner.aus) != tuple(vocab.aus):
-            raise ValueError(f"the caption builder's AUs {list(captioner.aus)} differ from the plan's {list(vocab.aus)}")
+            raise ValueError(f"the caption builder's AUs {list(captioner.aus)} differ from the plan's "
+                             f"{list(vocab.aus)}")
         self.config, self.vocab, self.real, self.captioner = config, vocab, real, captioner
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(EXPRESSIONS)):

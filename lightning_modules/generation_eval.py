@@ -10,7 +10,9 @@
   resolution, so a gap is the generator's and not the teacher's.
 
 A condition's caption is its record's, or, for a face without one, the generator's caption builder's (as in
-training). Data without AU labels (no OpenFace sidecar): the conditions carry every AU as unknown, the faces are generated
+training).
+
+Data without AU labels (no OpenFace sidecar): the conditions carry every AU as unknown, the faces are generated
 without an AU request, FER-Acc and FID/KID are reported as usual and the AU metrics are replaced by
 ``au_metrics_skipped: "no AU labels in the data"`` (nothing to compare the teacher's AU head with).
 """

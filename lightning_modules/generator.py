@@ -1,6 +1,7 @@
 """The SynFER generator: a text + AU (+ class label) conditioned diffusion model as a LightningModule.
 
-Fit = ε-prediction (or v) MSE on real faces with their captions and AU vectors; text and AUs are dropped
+Fit = ε-prediction (or v) MSE on real faces with their captions (a face without one gets the caption builder's,
+``captions``: datamodules/caption_builder.py) and AU vectors; text and AUs are dropped
 independently for classifier-free guidance and the AUs are jittered. With ``label_conditioning`` the expression
 label also enters as a class embedding added to the time embedding (its own dropout to a null class and its own
 CFG scale ``sample.label_scale``): a from-scratch text encoder learns the expression word slowly at CPU scale,

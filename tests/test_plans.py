@@ -9,7 +9,7 @@ import pytest
 
 from datamodules import plans as P
 from datamodules.caption_builder import EXPRESSION_WORDS, TOY_ATTRIBUTES, CaptionBuilder
-from datamodules.labels import CONTEMPT, DISFA_AUS, EXPRESSIONS, HAPPY, NEUTRAL, SAD, AUVocabulary
+from datamodules.labels import CONTEMPT, DISFA_AUS, HAPPY, NEUTRAL, SAD, AUVocabulary
 from datamodules.toyfaces import EXPRESSION_PROTOTYPES, au_cues
 
 VOCAB = AUVocabulary()
