@@ -195,7 +195,7 @@ def bench_throughput(args, workdir: Path) -> dict:
     from datamodules.plans import build_plan
     from datamodules.synthesis import chunk_batches, num_chunks
     from lightning_modules.generator_pipeline import SynFERPipeline
-    from lightning_modules.stages.synthesize_stage import plan_config, run_synthesize_stage
+    from lightning_modules.stages.synthesize_stage import plan_captioner, plan_config, run_synthesize_stage
 
     if args.generator:
         generator, source = Path(args.generator).resolve(), "given"
@@ -213,7 +213,8 @@ def bench_throughput(args, workdir: Path) -> dict:
     cfg = stage_cfg("tp_plan", m)
     call_kwargs = dict(OmegaConf.to_container(cfg.synthesis.sample, resolve=True))
     call_kwargs = {"num_inference_steps": int(call_kwargs.pop("steps", 25)), **call_kwargs}  # as SynthesisModule
-    plan = build_plan(plan_config(cfg), protocol_classes(int(cfg.data.protocol)), parse_au_list(cfg.data.aus))
+    plan = build_plan(plan_config(cfg), protocol_classes(int(cfg.data.protocol)), parse_au_list(cfg.data.aus),
+                      captioner=plan_captioner(cfg))
     batches = []
     for b in chunk_batches(m, args.chunk, args.batch, list(range(num_chunks(m, args.chunk)))):
         rows = plan.rows(range(b.start, b.stop))

@@ -6,7 +6,7 @@ so the rest of the suite only ever sees canonical ids.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -144,23 +144,3 @@ def parse_au_list(aus: Iterable[int | str] | None) -> AUVocabulary:
             raise ValueError(f"bad AU name {a!r} in the AU list (expected e.g. 12 or 'AU12')")
         parsed.append(int(s))
     return AUVocabulary(tuple(parsed))
-
-
-def template_caption(label: int, aus: Optional[Sequence[float]] = None, au_mask: Optional[Sequence[bool]] = None,
-                     vocab: AUVocabulary = AUVocabulary(), threshold: float = 1.0, max_aus: int = 3) -> str:
-    """Fallback caption for faces without one: expression name + the strongest known AUs.
-
-    'a close-up photo of a happy face, cheek raiser, lip corner puller'; an unknown label (-1) gives no
-    expression word, unknown AUs (mask False) are never named.
-    """
-    subject = f"a {EXPRESSIONS[label]} face" if 0 <= label < len(EXPRESSIONS) else "a face"
-    cues: list[tuple[float, str]] = []
-    if aus is not None:
-        if len(aus) != len(vocab):
-            raise ValueError(f"got {len(aus)} AU values for a {len(vocab)}-AU vocabulary")
-        mask = [True] * len(aus) if au_mask is None else list(au_mask)
-        cues = [(float(v), AU_NAMES.get(a, f"AU{a}")) for a, v, m in zip(vocab.aus, aus, mask)
-                if m and float(v) >= threshold]
-        cues.sort(key=lambda c: -c[0])
-    words = ", ".join(name for _, name in cues[:max_aus])
-    return f"a close-up photo of {subject}" + (f", {words}" if words else "")

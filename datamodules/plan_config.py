@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from datamodules.labels import AU_MAX_INTENSITY, class_name_to_id
-from datamodules.toyfaces import HAIR_COLOURS, HAIR_STYLES, SKIN_TONES, hair_phrase
+from datamodules.caption_builder import (BUILTIN_PLACEHOLDERS, CaptionBuilder, check_placeholders,
+                                         normalise_attributes, normalise_templates, placeholders)
+from datamodules.labels import class_name_to_id
 
 DISTRIBUTIONS: tuple[str, ...] = ("balanced", "real", "fill_rare")
 AU_SOURCES: tuple[str, ...] = ("prototype", "real_stats")
 CAPTION_SOURCES: tuple[str, ...] = ("template", "jsonl")
-BUILTIN_PLACEHOLDERS: tuple[str, ...] = ("expression", "cues")
-NEUTRAL_CUE = "neutral expression"  # what toy captions say when no AU reaches the threshold
-
-# The toy renderer's caption words, so plan captions stay inside the toy generator's vocabulary.
-DEFAULT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "hair": tuple(dict.fromkeys(hair_phrase(colour, style) for style in HAIR_STYLES for colour, _ in HAIR_COLOURS)),
-    "skin": tuple(name for name, _ in SKIN_TONES),
-}
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a close-up photo of a person with {hair}, {skin} skin, {cues}",)
 
 
 # ============================================================================================ config
@@ -48,28 +39,6 @@ def _number(name: str, value: Any) -> float:
     return x
 
 
-def _placeholders(text: str, where: str) -> list[str]:
-    """Field names of a format string; malformed braces or positional fields are errors naming ``where``."""
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as e:
-        raise ValueError(f"{where} is not a valid format string ({e}): {text!r}") from None
-    names = []
-    for _, name, _, spec in parsed:
-        if name is None:
-            continue
-        if name == "" or name.isdigit() or (spec and "{" in spec):
-            raise ValueError(f"{where} may only use named placeholders like {{hair}}, got {text!r}")
-        names.append(name)
-    return names
-
-
-def _check_placeholders(text: str, known: Sequence[str], where: str) -> None:
-    unknown = [n for n in _placeholders(text, where) if n not in known]
-    if unknown:
-        raise ValueError(f"{where} has unknown placeholder {{{unknown[0]}}} in {text!r}; known: {sorted(known)}")
-
-
 @dataclass(frozen=True)
 class PlanConfig:
     """What to synthesise. Sequences/mappings from Hydra are accepted and normalised to tuples/dicts."""
@@ -81,11 +50,9 @@ class PlanConfig:
     strength_range: tuple[float, float] = (0.6, 1.0)
     au_jitter_std: float = 0.3
     captions: str = "template"
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    attributes: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_ATTRIBUTES), hash=False)
+    templates: Optional[tuple[str, ...]] = None    # None: the generator's caption builder's
+    attributes: Optional[Mapping[str, Sequence[str]]] = field(default=None, hash=False)  # None: the builder's
     prompts: Optional[str] = None
-    cue_threshold: float = 1.0
-    max_cues: int = 3
     seed: int = 0
     base_seed: int = 0
     id_prefix: str = "syn-"
@@ -145,47 +112,31 @@ class PlanConfig:
         self._set("strength_range", (lo, hi))
         if _number("au_jitter_std", self.au_jitter_std) < 0:
             _fail("au_jitter_std", ">= 0", self.au_jitter_std)
-        if not 0.0 < _number("cue_threshold", self.cue_threshold) <= AU_MAX_INTENSITY:
-            _fail("cue_threshold", f"in (0, {AU_MAX_INTENSITY}]", self.cue_threshold)
         self._set("au_jitter_std", float(self.au_jitter_std))
-        self._set("cue_threshold", float(self.cue_threshold))
-        if not (_is_int(self.max_cues) and self.max_cues >= 1):
-            _fail("max_cues", "an int >= 1", self.max_cues)
 
     def _check_captions(self) -> None:
+        """Syntax here; the placeholder names once the generator's builder is known (``caption_builder``)."""
         if self.captions not in CAPTION_SOURCES:
             _fail("captions", f"one of {CAPTION_SOURCES}", self.captions)
-        self._set("attributes", _normalise_attributes(self.attributes))
-        templates = (self.templates,) if isinstance(self.templates, str) else tuple(self.templates)
-        if not templates or not all(isinstance(t, str) and t for t in templates):
-            _fail("templates", "a non-empty list of non-empty strings", self.templates)
-        for i, template in enumerate(templates):
-            _check_placeholders(template, self.placeholders, f"plan.templates[{i}]")
-        self._set("templates", templates)
+        if self.attributes is not None:
+            self._set("attributes", normalise_attributes(self.attributes, "plan.attributes"))
+        if self.templates is not None:
+            templates = normalise_templates(self.templates, "plan.templates")
+            for i, template in enumerate(templates):
+                if self.attributes is None:  # the builder's attributes are known at build time only
+                    placeholders(template, f"plan.templates[{i}]")
+                else:
+                    check_placeholders(template, (*BUILTIN_PLACEHOLDERS, *self.attributes), f"plan.templates[{i}]")
+            self._set("templates", templates)
         if self.captions == "jsonl":
             if self.prompts is None or str(self.prompts) == "":
                 _fail("prompts", 'a JSONL path when plan.captions="jsonl"', self.prompts)
             self._set("prompts", str(self.prompts))
 
-    @property
-    def placeholders(self) -> tuple[str, ...]:
-        """Names a template or prompt may use."""
-        return (*BUILTIN_PLACEHOLDERS, *self.attributes)
-
-
-def _normalise_attributes(attributes: Any) -> dict[str, tuple[str, ...]]:
-    if not isinstance(attributes, Mapping):
-        _fail("attributes", "a mapping name -> list of phrases", attributes)
-    out: dict[str, tuple[str, ...]] = {}
-    for key, values in attributes.items():
-        if not (isinstance(key, str) and key.isidentifier()) or key in BUILTIN_PLACEHOLDERS:
-            _fail("attributes", f"keyed by identifiers other than {BUILTIN_PLACEHOLDERS}", key)
-        # A bare string would be iterated character by character: refuse it.
-        if isinstance(values, str) or not isinstance(values, Sequence) or not values \
-                or not all(isinstance(v, str) for v in values):
-            _fail(f"attributes[{key!r}]", "a non-empty list of strings", values)
-        out[key] = tuple(values)
-    return out
+    def caption_builder(self, generator_builder: CaptionBuilder) -> CaptionBuilder:
+        """The builder plan captions come from: the generator's, with this plan's templates / attributes when set
+        (errors name ``plan.templates`` / ``plan.attributes``)."""
+        return generator_builder.with_overrides(self.templates, self.attributes, key="plan")
 
 
 # ============================================================================================ prompts

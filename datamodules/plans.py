@@ -21,8 +21,10 @@ on demand by ``ConditionPlan.rows``. Two rules make that safe:
   on the plan length, on which other rows are requested, or (for the AUs) on the caption settings.
 
 AUs come from the toy renderer's expression prototypes (``au_source="prototype"``) or from the real train set's
-per-class AU statistics (``"real_stats"``). Captions are filled templates or JSONL prompts whose placeholders
-use the toy captions' own words (hair, skin, AU cues), so a generator trained on toy captions reads them.
+per-class AU statistics (``"real_stats"``). Captions come from the generator's caption builder
+(``datamodules/caption_builder.py``, the one that captioned its training faces, with the plan's own templates /
+attributes when set) or are JSONL prompts filled by that builder, so a face planned for class c is captioned the
+way training captioned class c.
 """
 from __future__ import annotations
 
@@ -32,13 +34,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from datamodules.labels import AU_MAX_INTENSITY, CONTEMPT, EXPRESSIONS, AUVocabulary
-from datamodules.plan_config import (DEFAULT_ATTRIBUTES, DISTRIBUTIONS, NEUTRAL_CUE, PlanConfig, _check_placeholders,
-                                     _fail, _is_int, load_prompts)
-from datamodules.toyfaces import EXPRESSION_PROTOTYPES, au_cues
+from datamodules.caption_builder import CaptionBuilder, check_placeholders
+from datamodules.labels import AU_MAX_INTENSITY, EXPRESSIONS, AUVocabulary
+from datamodules.plan_config import DISTRIBUTIONS, PlanConfig, _fail, _is_int, load_prompts
+from datamodules.toyfaces import EXPRESSION_PROTOTYPES
 
 __all__ = ["PlanConfig", "RealStats", "ConditionPlan", "plan_size", "class_counts", "class_sequence", "build_plan",
-           "load_prompts", "DEFAULT_ATTRIBUTES", "DISTRIBUTIONS"]
+           "load_prompts", "DISTRIBUTIONS"]
 
 
 # ============================================================================================ real stats
@@ -195,8 +197,11 @@ class ConditionPlan:
     """A lazily computed plan: labels are stored, every other column is computed per requested row."""
 
     def __init__(self, config: PlanConfig, labels: np.ndarray, vocab: AUVocabulary, real: Optional[RealStats],
-                 prompts: list[dict] | None) -> None:
-        self.config, self.vocab, self.real = config, vocab, real
+                 prompts: list[dict] | None, captioner: CaptionBuilder) -> None:
+        if tuple(captioner.aus) != tuple(vocab.aus):
+            raise ValueError(f"the caption builder's AUs {list(captioner.aus)} differ from the plan's "
+                             f"{list(vocab.aus)}")
+        self.config, self.vocab, self.real, self.captioner = config, vocab, real, captioner
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(EXPRESSIONS)):
             raise ValueError(f"plan labels must be canonical ids 0..{len(EXPRESSIONS) - 1}")
@@ -236,11 +241,11 @@ class ConditionPlan:
         """Per plan class, the texts a row may fill: the templates, or the prompts for that class / any class."""
         cfg = self.config
         if cfg.captions == "template":
-            return {int(c): list(cfg.templates) for c in np.unique(self.labels)}
+            return {int(c): list(self.captioner.templates) for c in np.unique(self.labels)}
         if prompts is None:
             raise ValueError('plan.captions="jsonl" needs prompts (plan.prompts), but none were given')
         for p in prompts:
-            _check_placeholders(p["caption"], cfg.placeholders, f"plan.prompts line {p.get('line', '?')}")
+            check_placeholders(p["caption"], self.captioner.placeholders, f"plan.prompts line {p.get('line', '?')}")
         out = {}
         for c in np.unique(self.labels):
             out[int(c)] = [p["caption"] for p in prompts if p["label"] is None or p["label"] == c]
@@ -285,24 +290,18 @@ class ConditionPlan:
         return np.clip(aus, 0.0, AU_MAX_INTENSITY).astype(np.float32), mask
 
     def _caption(self, label: int, aus: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> str:
-        cfg = self.config
         texts = self._candidates[label]
-        text = texts[int(rng.integers(len(texts)))]
-        # Every attribute is drawn even if the text does not use it, so draws never depend on the text chosen.
-        values = {key: options[int(rng.integers(len(options)))] for key, options in cfg.attributes.items()}
-        known = {au: float(v) for au, v, m in zip(self.vocab.aus, aus, mask) if m}
-        cues = au_cues(known, cfg.cue_threshold, cfg.max_cues, unilateral=label == CONTEMPT)
-        values.update(expression=EXPRESSIONS[label], cues=", ".join(cues) if cues else NEUTRAL_CUE)
-        return text.format(**values)
+        return self.captioner.fill(texts[int(rng.integers(len(texts)))], label, aus, mask, rng)
 
 
-def build_plan(config: PlanConfig, num_classes: int, vocab: AUVocabulary,
-               real: Optional[RealStats] = None) -> ConditionPlan:
-    """Resolve size, class sequence and prompts, and return the lazy plan."""
+def build_plan(config: PlanConfig, num_classes: int, vocab: AUVocabulary, real: Optional[RealStats] = None, *,
+               captioner: CaptionBuilder) -> ConditionPlan:
+    """Resolve size, class sequence and prompts, and return the lazy plan. ``captioner``: the generator's caption
+    builder (``plan.templates`` / ``plan.attributes`` override its own)."""
     if num_classes not in (7, 8):
         raise ValueError(f"num_classes must be 7 or 8, got {num_classes}")
     n = plan_size(config, real)
     real_counts = None if real is None else real.class_counts
     labels = class_sequence(n, _target_weights(n, config.class_distribution, num_classes, real_counts))
     prompts = load_prompts(config.prompts, num_classes) if config.captions == "jsonl" else None
-    return ConditionPlan(config, labels, vocab, real, prompts)
+    return ConditionPlan(config, labels, vocab, real, prompts, config.caption_builder(captioner))

@@ -9,6 +9,9 @@
 - Reference: the same numbers on the real faces behind the conditions, passed through the generator's
   resolution, so a gap is the generator's and not the teacher's.
 
+A condition's caption is its record's, or, for a face without one, the generator's caption builder's (as in
+training).
+
 Data without AU labels (no OpenFace sidecar): the conditions carry every AU as unknown, the faces are generated
 without an AU request, FER-Acc and FID/KID are reported as usual and the AU metrics are replaced by
 ``au_metrics_skipped: "no AU labels in the data"`` (nothing to compare the teacher's AU head with).
@@ -30,6 +33,7 @@ from torchmetrics.functional.classification import binary_accuracy
 from tqdm.auto import tqdm
 
 from datamodules.batch import LOAD_ERRORS, FERRecord, load_record_image
+from datamodules.caption_builder import CaptionBuilder, caption_records
 from datamodules.labels import EXPRESSIONS
 
 AU_METRICS_SKIPPED = "no AU labels in the data"
@@ -79,11 +83,13 @@ def toy_eval_conditions(toy_config, per_class: int, num_classes: int, aus: Seque
 
 
 def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_classes: int, seed: int,
-                            num_aus: Optional[int] = None) -> EvalConditions:
+                            num_aus: Optional[int] = None, captioner: Optional[CaptionBuilder] = None
+                            ) -> EvalConditions:
     """Class-balanced conditions from labelled real records (test split), e.g. for a public dataset.
 
     When some records carry AUs only those are drawn (the AU metrics need them); when none does (no OpenFace
-    sidecar) every labelled record may be drawn and the conditions carry ``num_aus`` unknown AUs.
+    sidecar) every labelled record may be drawn and the conditions carry ``num_aus`` unknown AUs. A record without
+    a caption gets ``captioner``'s (the generator's builder).
     """
     labelled = [r for r in records if 0 <= r.label < num_classes]
     with_aus = any(r.aus is not None for r in labelled)
@@ -95,13 +101,13 @@ def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_cl
             chosen += [pool[i] for i in rng.permutation(len(pool))[:per_class]]
     if not chosen:
         raise ValueError(f"no labelled records (classes 0..{num_classes - 1}) to build evaluation conditions from")
-    return records_to_conditions(chosen, seed, num_aus)
+    return records_to_conditions(chosen, seed, num_aus, captioner)
 
 
-def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Optional[int] = None
-                          ) -> EvalConditions:
+def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Optional[int] = None,
+                          captioner: Optional[CaptionBuilder] = None) -> EvalConditions:
     """Conditions + reference faces of ``records``; a record without AUs gets ``num_aus`` unknown AUs (default:
-    the width of the records that have AUs, 0 when none has)."""
+    the width of the records that have AUs, 0 when none has), one without a caption ``captioner``'s."""
     import torchvision.transforms.v2.functional as TF
 
     refs, kept = [], []
@@ -133,7 +139,8 @@ def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Opti
     return EvalConditions(
         labels=torch.tensor([r.label for r in records]),
         aus=torch.from_numpy(aus), au_mask=torch.from_numpy(mask),
-        captions=[r.caption for r in records], seeds=[seed + i for i in range(len(records))], references=refs)
+        captions=caption_records(records, captioner, seed), seeds=[seed + i for i in range(len(records))],
+        references=refs)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The SynFER generator: a text + AU (+ class label) conditioned diffusion model as a LightningModule.
 
-Fit = ε-prediction (or v) MSE on real faces with their captions and AU vectors; text and AUs are dropped
+Fit = ε-prediction (or v) MSE on real faces with their captions (a face without one gets the caption builder's,
+``captions``: datamodules/caption_builder.py) and AU vectors; text and AUs are dropped
 independently for classifier-free guidance and the AUs are jittered. With ``label_conditioning`` the expression
 label also enters as a class embedding added to the time embedding (its own dropout to a null class and its own
 CFG scale ``sample.label_scale``): a from-scratch text encoder learns the expression word slowly at CPU scale,
@@ -21,10 +22,12 @@ import contextlib
 from typing import Any, Iterator, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list, template_caption
+from datamodules.caption_builder import CaptionBuilder, save_settings
+from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list
 from lightning_modules.conditioning import (AUEncoder, augment_aus, class_conditions, drop_conditions, encode_text,
                                             install_au_attention)
 from lightning_modules.generator_components import (BACKBONES, SAMPLERS, add_class_embedding, build_tiny,
@@ -54,6 +57,7 @@ class FERGenerator(L.LightningModule):
         au_dropout: float = 0.1,
         label_conditioning: bool = False,
         label_dropout: float = 0.1,
+        captions: Optional[dict] = None,
         train_text_encoder: bool = True,
         finetune: str = "full",
         lora_rank: int = 8,
@@ -78,6 +82,8 @@ class FERGenerator(L.LightningModule):
         if label_conditioning and num_classes < 1:
             raise ValueError(f"generator.model.label_conditioning needs num_classes >= 1, got {num_classes}")
         self.vocab: AUVocabulary = parse_au_list(aus)
+        # captions of faces without one; grids, evaluation and (through captions.json) synthesis use it too
+        self.captioner = CaptionBuilder.from_config(captions, self.vocab.aus, "generator.model.captions")
         if backbone == "tiny":
             parts = build_tiny(int(image_size or 32), unet, text_encoder, noise_scheduler)
         else:
@@ -149,16 +155,26 @@ class FERGenerator(L.LightningModule):
 
     # ------------------------------------------------------------------ conditions
     def captions_for(self, batch: dict) -> list[str]:
-        """Batch captions; faces without one get a template caption from label + AUs."""
+        """Batch captions; a face without one gets the caption builder's, from its label and known AUs."""
         captions = list(batch.get("caption") or [""] * batch["image"].shape[0])
-        out = []
-        for i, caption in enumerate(captions):
-            if not caption:
-                aus = batch["aus"][i].tolist() if "aus" in batch else None
-                mask = batch["au_mask"][i].tolist() if "au_mask" in batch else None
-                caption = template_caption(int(batch["label"][i]), aus, mask, self.vocab)
-            out.append(caption)
-        return out
+        missing = [i for i, caption in enumerate(captions) if not caption]
+        if not missing:
+            return captions
+        # one copy per batch (normally none: on_before_batch_transfer fills captions while the batch is on the CPU)
+        labels = batch["label"].cpu().tolist()
+        aus = batch["aus"].cpu().tolist() if "aus" in batch else None
+        mask = batch["au_mask"].cpu().tolist() if "au_mask" in batch else None
+        rng = np.random.default_rng([self.global_step, self.global_rank]) if self.captioner.draws else None
+        for i in missing:
+            captions[i] = self.captioner.caption(int(labels[i]), aus[i] if aus else None, mask[i] if mask else None,
+                                                 rng)
+        return captions
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # on the CPU, before the move: building captions never waits for AUs copied back from an accelerator
+        if isinstance(batch, dict) and "image" in batch:
+            batch["caption"] = self.captions_for(batch)
+        return batch
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -318,9 +334,11 @@ class FERGenerator(L.LightningModule):
             self.train(was_training)
 
     def save_generator(self, directory) -> None:
-        """The diffusers pipeline directory + AU adapter (+ LoRA), EMA weights when enabled."""
+        """The diffusers pipeline directory + AU adapter (+ LoRA), EMA weights when enabled, and the caption
+        builder's settings (``captions.json``: synthesis captions its faces the way training did)."""
         with self.ema_weights():
             self.pipeline().save_pretrained(directory)
+        save_settings(directory, self.captioner, self.trained_on_aus)
 
 
 def _check_args(backbone, pretrained_path, finetune, lora_rank, text_dropout, au_dropout, au_noise_std, lr,

@@ -1,6 +1,7 @@
 """Sample grids while the generator trains: rows = expressions x columns = seeds, and an AU sweep (one AU from
 0 to 5 per row, same seed and caption), written as PNG and logged to wandb. Data without AU labels gets the
-expression grid only (its rows request no AUs) and no AU sweep."""
+expression grid only (its rows request no AUs) and no AU sweep. A face without a caption is captioned by the
+generator's caption builder, as in training."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from datamodules.batch import FERRecord
+from datamodules.caption_builder import CaptionBuilder, caption_records
 from datamodules.labels import EXPRESSIONS
 from lightning_modules.grids import save_labelled_grid
 
@@ -37,9 +39,11 @@ class GridConditions:
         return bool(self.au_mask.numel()) and bool(self.au_mask.any())
 
 
-def grid_conditions(records: Sequence[FERRecord], num_classes: int, num_aus: int) -> GridConditions:
-    """The first record of each class (preferring one with AUs) with its AUs and caption; the AU sweep starts
-    from a neutral face with AUs (any face with AUs if the neutral one has none) and is None without AU labels."""
+def grid_conditions(records: Sequence[FERRecord], num_classes: int, num_aus: int,
+                    captioner: Optional[CaptionBuilder] = None) -> GridConditions:
+    """The first record of each class (preferring one with AUs) with its AUs and caption (``captioner``'s, the
+    generator's builder, when it has none); the AU sweep starts from a neutral face with AUs (any face with AUs if
+    the neutral one has none) and is None without AU labels."""
     rows: dict[int, FERRecord] = {}
     for rec in records:
         if 0 <= rec.label < num_classes and (rec.label not in rows or
@@ -57,9 +61,10 @@ def grid_conditions(records: Sequence[FERRecord], num_classes: int, num_aus: int
     with_aus = [c for c in order if rows[c].aus is not None]
     base = (rows[0] if 0 in with_aus else rows[with_aus[0]]) if with_aus else rows.get(0, rows[order[0]])
     sweep = order.index(base.label)
+    captions = caption_records([rows[c] for c in order], captioner)
     return GridConditions(
-        names=[EXPRESSIONS[c] for c in order], captions=[rows[c].caption for c in order], aus=aus, au_mask=mask,
-        sweep_caption=base.caption, sweep_aus=aus[sweep].clone() if with_aus else None,
+        names=[EXPRESSIONS[c] for c in order], captions=captions, aus=aus, au_mask=mask,
+        sweep_caption=captions[sweep], sweep_aus=aus[sweep].clone() if with_aus else None,
         sweep_mask=mask[sweep].clone() if with_aus else None, labels=order,
         sweep_label=int(base.label))
 

@@ -1,10 +1,10 @@
-"""Generator evaluation metrics, evaluation/grid conditions, template captions and component-builder errors."""
+"""Generator evaluation metrics, evaluation/grid conditions and component-builder errors (captions of faces
+without one: tests/test_caption_builder.py)."""
 import numpy as np
 import pytest
 import torch
 
 from datamodules.batch import FERRecord
-from datamodules.labels import AUVocabulary, template_caption
 from lightning_modules.generation_eval import (EvalConditions, TeacherFeatures, distribution_metrics,
                                                fidelity_metrics, records_eval_conditions, teacher_scores)
 from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
@@ -117,17 +117,6 @@ def test_grid_conditions_and_callback_arguments():
     for bad in (dict(every_n_steps=-1), dict(seeds=0), dict(au_levels=[])):
         with pytest.raises(ValueError, match="grids"):
             GeneratorSampleGrids(conds, ".", **bad)
-
-
-def test_template_caption():
-    vocab = AUVocabulary((6, 12, 4))
-    assert template_caption(1, [3.0, 4.0, 0.5], vocab=vocab) == \
-        "a close-up photo of a happy face, lip corner puller, cheek raiser"
-    # unknown AUs are never named, an unknown label gives no expression word
-    assert template_caption(-1, [3.0, 4.0, 0.5], [True, False, True], vocab=vocab) == \
-        "a close-up photo of a face, cheek raiser"
-    with pytest.raises(ValueError, match="3-AU vocabulary"):
-        template_caption(0, [1.0, 2.0], vocab=vocab)
 
 
 def test_component_builders_reject_bad_input(tmp_path):

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from datamodules import plans as P
-from datamodules.labels import CONTEMPT, DISFA_AUS, EXPRESSIONS, HAPPY, NEUTRAL, SAD, AUVocabulary
+from datamodules.caption_builder import EXPRESSION_WORDS, TOY_ATTRIBUTES, CaptionBuilder
+from datamodules.labels import CONTEMPT, DISFA_AUS, HAPPY, NEUTRAL, SAD, AUVocabulary
 from datamodules.toyfaces import EXPRESSION_PROTOTYPES, au_cues
 
 VOCAB = AUVocabulary()
+EXPRESSION, TOY = CaptionBuilder(), CaptionBuilder(family="toy")  # the generator's builder the plan is given
 REAL_COUNTS = np.array([50, 100, 20, 10, 5, 3, 12, 4])
 
 
@@ -22,9 +24,9 @@ def _real(counts=REAL_COUNTS, num_train=None) -> P.RealStats:
                        au_mean=np.zeros((k, a)), au_std=np.zeros((k, a)), au_known=np.ones((k, a), dtype=bool))
 
 
-def _plan(num_classes=8, real=None, **kw) -> P.ConditionPlan:
+def _plan(num_classes=8, real=None, captioner=TOY, **kw) -> P.ConditionPlan:
     kw.setdefault("size", 64)
-    return P.build_plan(P.PlanConfig(**kw), num_classes, VOCAB, real)
+    return P.build_plan(P.PlanConfig(**kw), num_classes, VOCAB, real, captioner=captioner)
 
 
 def _max_prefix_deviation(labels: np.ndarray, weights) -> float:
@@ -146,7 +148,8 @@ def test_au_jitter_varies_rows_and_stays_in_range():
 
 def test_vocabulary_order_and_aus_outside_it():
     vocab = AUVocabulary((12, 6, 23))
-    plan = P.build_plan(P.PlanConfig(size=8, au_jitter_std=0.0, strength_range=(1.0, 1.0)), 8, vocab)
+    plan = P.build_plan(P.PlanConfig(size=8, au_jitter_std=0.0, strength_range=(1.0, 1.0)), 8, vocab,
+                        captioner=CaptionBuilder(aus=vocab.aus))
     rows = plan.rows(range(8))
     assert rows["target_aus"][HAPPY] == [4.0, 3.0, 0.0]  # vocabulary order, AU23 has no prototype value
     assert rows["target_aus"][SAD] == [0.0, 0.0, 0.0]    # sad's AU1/4/15 are not in this vocabulary
@@ -165,7 +168,7 @@ def test_real_stats_aus_follow_class_means_and_mask():
     real = P.RealStats.from_arrays(labels, aus, mask, 7)
     assert real.num_train == n and real.class_counts.sum() == (labels >= 0).sum()
     assert not real.au_known[SAD, 3] and real.au_known[SAD].sum() == a - 1
-    plan = P.build_plan(P.PlanConfig(size=2800, au_source="real_stats"), 7, VOCAB, real)
+    plan = P.build_plan(P.PlanConfig(size=2800, au_source="real_stats"), 7, VOCAB, real, captioner=EXPRESSION)
     rows = plan.rows(range(len(plan)))
     got, lab = np.asarray(rows["target_aus"]), np.asarray(rows["target_label"])
     for c in range(7):
@@ -176,28 +179,56 @@ def test_real_stats_aus_follow_class_means_and_mask():
 
 
 # ------------------------------------------------------------------------------------------- captions
-def test_template_captions_use_toy_words_and_vary():
+@pytest.mark.parametrize("num_classes", [7, 8])
+def test_template_captions_are_the_generator_builders(num_classes):
+    """templates null: each row is the caption the generator's builder gives its class and target AUs."""
+    plan = _plan(num_classes, captioner=EXPRESSION, size=8 * 20)
+    rows = plan.rows(range(len(plan)))
+    for label, aus, mask, caption in zip(rows["target_label"], rows["target_aus"], rows["au_mask"],
+                                         rows["caption"]):
+        assert caption == EXPRESSION.caption(label, aus, mask)
+        assert re.match(rf"a close-up photo of an? {EXPRESSION_WORDS[label]} face", caption)
+    assert len(set(rows["target_label"])) == num_classes
+    assert any(c.startswith("a close-up photo of an angry face, brows furrowed") for c in rows["caption"])
+
+
+def test_toy_family_captions_use_toy_words_and_vary():
     rows = _plan(size=200).rows(range(200))
     pattern = re.compile(r"a close-up photo of a person with (.+), (\w+) skin, (.+)")
     matches = [pattern.fullmatch(c) for c in rows["caption"]]
     assert all(matches), [c for c, m in zip(rows["caption"], matches) if not m][:3]
     hair, skin = {m.group(1) for m in matches}, {m.group(2) for m in matches}
-    assert hair <= set(P.DEFAULT_ATTRIBUTES["hair"]) and len(hair) > 10 and len(skin) > 5
+    assert hair <= set(TOY_ATTRIBUTES["hair"]) and len(hair) > 10 and len(skin) > 5
     # The toy renderer's own phrasing (see toyfaces.caption_for).
     assert {"a shaved head", "short dark hair", "long blond hair", "red hair with a fringe"} <= \
-        set(P.DEFAULT_ATTRIBUTES["hair"])
-    assert {"fair", "olive", "brown", "dark"} <= set(P.DEFAULT_ATTRIBUTES["skin"])
+        set(TOY_ATTRIBUTES["hair"])
+    assert {"fair", "olive", "brown", "dark"} <= set(TOY_ATTRIBUTES["skin"])
 
 
 def test_cue_words_match_the_target_aus():
-    plan = _plan(size=160, templates=("{expression}: {cues}",), max_cues=2, cue_threshold=1.5)
+    builder = CaptionBuilder(max_cues=2, cue_threshold=1.5, no_cues="neutral expression")
+    plan = _plan(size=160, captioner=builder, templates=("{expression}: {cues}",))
     rows = plan.rows(range(160))
     for label, aus, caption in zip(rows["target_label"], rows["target_aus"], rows["caption"]):
         cues = au_cues(dict(zip(DISFA_AUS, aus)), 1.5, 2, unilateral=label == CONTEMPT)
-        assert caption == f"{EXPRESSIONS[label]}: {', '.join(cues) or 'neutral expression'}"
+        assert caption == f"{EXPRESSION_WORDS[label]}: {', '.join(cues) or 'neutral expression'}"
     by_label = dict(zip(rows["target_label"], rows["caption"]))
     assert by_label[NEUTRAL] == "neutral: neutral expression"
     assert "smiling" in by_label[HAPPY] and "smirking with one mouth corner raised" in by_label[CONTEMPT]
+
+
+def test_a_generator_trained_without_aus_gets_captions_naming_none():
+    # the plan still carries AU targets (they are written to the set), but the captions name none of them
+    no_aus = CaptionBuilder(name_aus=False)
+    rows = _plan(size=16, captioner=no_aus).rows(range(16))
+    assert all(any(m) for m in rows["au_mask"])
+    assert rows["caption"] == [f"a close-up photo of {'an' if c == 6 else 'a'} {EXPRESSION_WORDS[c]} face"
+                               for c in rows["target_label"]]
+
+
+def test_the_builder_must_share_the_plans_aus():
+    with pytest.raises(ValueError, match="caption builder's AUs"):
+        _plan(captioner=CaptionBuilder(aus=(1, 2)))
 
 
 def test_attributes_can_be_configured():
@@ -242,7 +273,8 @@ def test_jsonl_class_without_any_prompt_is_an_error(tmp_path):
     (dict(class_distribution=[1, -1, 1, 1, 1, 1, 1, 1]), "plan.class_distribution"),
     (dict(au_source="openface"), "plan.au_source"),
     (dict(strength_range=(1.0, 0.5)), "plan.strength_range"),
-    (dict(templates=("a {mood} face",)), r"plan.templates\[0\] has unknown placeholder \{mood\}"),
+    (dict(templates=("a {mood} face",), attributes={"hair": ["bald"]}),
+     r"plan.templates\[0\] has unknown placeholder \{mood\}"),
     (dict(templates=("a {} face",)), r"plan.templates\[0\]"),
     (dict(captions="jsonl"), "plan.prompts"),
     (dict(attributes={"hair": "bald"}), r"plan.attributes\['hair'\]"),
@@ -251,6 +283,18 @@ def test_bad_config_names_the_field(kwargs, match):
     kwargs = {"size": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
         P.PlanConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(templates=("a {mood} face",)), r"plan.templates\[0\] has unknown placeholder \{mood\}"),
+    (dict(templates=("a {hair} face",)), r"plan.templates\[0\] has unknown placeholder \{hair\}"),
+    (dict(attributes={"mood": ["calm"]}), r"plan.templates\[0\] has unknown placeholder \{hair\}"),
+])
+def test_templates_unknown_to_the_generators_builder(kwargs, match):
+    # checked once the builder is known: {hair} exists in the toy family only
+    captioner = TOY if "attributes" in kwargs else EXPRESSION
+    with pytest.raises(ValueError, match=match):
+        _plan(captioner=captioner, **kwargs)
 
 
 def test_wrong_weight_count_is_an_error():

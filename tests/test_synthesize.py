@@ -60,8 +60,7 @@ def _image_bytes(directory: Path) -> list[tuple[str, bytes]]:
 
 
 def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, generator_dir, caplog):
-    from datamodules.plans import build_plan
-    from lightning_modules.stages.synthesize_stage import plan_config, run_synthesize_stage
+    from lightning_modules.stages.synthesize_stage import checked_plan, run_synthesize_stage
 
     cfg = tiny_cfg(*_overrides(generator_dir))
     metrics = run_synthesize_stage(cfg)
@@ -71,12 +70,11 @@ def test_synthesize_writes_the_plan_as_shards_and_skips_when_done(tiny_cfg, gene
         ("chunk-000000", 8), ("chunk-000001", 8), ("chunk-000002", 4)]
     assert manifest["meta"]["complete"] is True and manifest["count"] == 20
     dataset = load_synthetic(out)
-    from datamodules.labels import parse_au_list
-
-    plan = build_plan(plan_config(cfg), 8, parse_au_list(cfg.data.aus))
+    plan = checked_plan(cfg)[0]  # the plan with the generator's caption builder (its captions.json)
     rows = plan.rows(range(20))
     assert list(dataset["sample_id"]) == rows["sample_id"]
     assert list(dataset["target_label"]) == rows["target_label"] and list(dataset["caption"]) == rows["caption"]
+    assert all(c.startswith("a close-up photo of a person with ") for c in rows["caption"])  # toy data: toy captions
     assert list(dataset["seed"]) == [1_000_000 + i for i in range(20)]
     assert dataset[0]["image"].size == (32, 32)
     assert metrics["images"] == 20 and metrics["generated_now"] == 20 and metrics["images_per_second"] > 0

@@ -115,7 +115,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     model = build_generator(cfg, datamodule)
     datamodule.setup("fit")
     grids = GeneratorSampleGrids(grid_conditions(datamodule.records["val"], datamodule.num_classes,
-                                                 len(datamodule.vocab)),
+                                                 len(datamodule.vocab), model.captioner),
                                  out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
                                  list(gen.grids.au_levels))
     trainer, loggers = runtime.build_trainer(
@@ -180,7 +180,7 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
                                     tuple(ev.intensity_range), seed)
     else:
         conds = records_eval_conditions(datamodule.records["test"], per_class, datamodule.num_classes, seed,
-                                        num_aus=len(datamodule.vocab))
+                                        num_aus=len(datamodule.vocab), captioner=model.captioner)
     guidance = semantic_guidance(cfg.generator.guidance)
     guide = (load_guide(str(cfg.generator.guidance.classifier), int(cfg.data.image_size), model.device)
              if guidance.enabled else None)

@@ -32,14 +32,31 @@ def plan_config(cfg: DictConfig):
     from datamodules.plans import PlanConfig
 
     values = OmegaConf.to_container(cfg.synthesis.plan, resolve=True)
-    for key in ("templates", "attributes"):  # null = the built-in toy-caption vocabulary
-        if values.get(key) is None:
-            values.pop(key, None)
     try:
         return PlanConfig(**{k: tuple(v) if isinstance(v, list) and k != "class_distribution" else v
                              for k, v in values.items()})
     except (TypeError, ValueError) as err:
         raise ConfigError("synthesis.plan", str(err)) from err
+
+
+def plan_captioner(cfg: DictConfig, plan=None):
+    """The generator's caption builder, from ``captions.json`` in its pipeline folder: the captions its training
+    faces without a caption got. ``plan`` (its PlanConfig) only decides whether to warn that a generator trained
+    on the captions of ``data.captions`` is asked with the builder's instead."""
+    from datamodules.caption_builder import load_settings
+    from datamodules.labels import parse_au_list
+
+    try:
+        builder = load_settings(Path(str(cfg.synthesis.generator_path)), parse_au_list(cfg.data.aus).aus,
+                                "synthesis.generator_path")
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError("synthesis.generator_path", str(err)) from err
+    if plan is not None and plan.captions == "template" and plan.templates is None and cfg.data.get("captions"):
+        log.warning("synthesize: the generator trained on the captions of data.captions (%s), but plan captions come "
+                    "from its caption builder (family %s), which only captioned faces without one; set "
+                    "synthesis.plan.templates to imitate those captions, or synthesis.plan.captions=jsonl",
+                    cfg.data.captions, builder.family)
+    return builder
 
 
 def needs_real_data(plan) -> bool:
@@ -84,11 +101,13 @@ def real_stats(cfg: DictConfig):
     return RealStats.from_arrays(labels, aus, mask, datamodule.num_classes)
 
 
-def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int) -> str:
+def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int, captioner) -> str:
+    """``captioner``: the plan's caption builder; its settings are the captions, whatever set them."""
     syn = runtime.location_free(OmegaConf.to_container(cfg.synthesis, resolve=True), runtime.run_dir_of(cfg))
     for key in NOT_FINGERPRINTED:
         syn.pop(key, None)
     parts = {"synthesis": syn, "plan_size": plan_size,
+             "captions": {**captioner.settings(), "name_aus": captioner.name_aus},
              "generator": runtime.path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
     if synthesis_guidance(cfg).enabled:
         parts["guide"] = runtime.path_fingerprint(Path(str(cfg.synthesis.guidance.classifier)))
@@ -181,13 +200,14 @@ def checked_plan(cfg: DictConfig):
     check_synthesis_config(cfg)
     plan_cfg = plan_config(cfg)
     vocab = parse_au_list(cfg.data.aus)
+    captioner = plan_captioner(cfg, plan_cfg)
     real = real_stats(cfg) if needs_real_data(plan_cfg) else None
     try:
         size = plan_size(plan_cfg, real)
-        plan = build_plan(plan_cfg, protocol_classes(int(cfg.data.protocol)), vocab, real)
+        plan = build_plan(plan_cfg, protocol_classes(int(cfg.data.protocol)), vocab, real, captioner=captioner)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError("synthesis.plan", str(err)) from err
-    return plan, size, synthesis_fingerprint(cfg, plan_cfg, size)
+    return plan, size, synthesis_fingerprint(cfg, plan_cfg, size, plan.captioner)
 
 
 def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> dict:
