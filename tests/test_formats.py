@@ -424,3 +424,15 @@ def test_exporter_rejects_bad_input(tmp_path):
     assert [p.name for p in (tmp_path / "imagefolder" / "train" / "neutral").iterdir()] == ["b.png"]
     summary = json.loads((tmp_path / "export_summary.json").read_text())
     assert summary["formats"]["imagefolder"]["counts"]["train"] == 1
+
+
+def test_export_without_contempt_reports_no_skips(tmp_path):
+    """No contempt face to drop: fer2013 and rafdb report nothing (a zero count used to warn "skipped ...: 0")."""
+    rng = np.random.default_rng(0)
+    splits = {"train": [ExportSample(f"f{i}", rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), i % 7,
+                                     np.zeros(12), "c") for i in range(7)]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        roots = export_fer_dataset(splits, tmp_path, formats=["fer2013", "rafdb"])
+    assert not roots.skipped["fer2013"] and not roots.skipped["rafdb"]
+    assert not [m for m in user_warnings(caught) if "skipped" in m]

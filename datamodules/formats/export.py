@@ -339,7 +339,7 @@ def export_fer_dataset(splits: Mapping[str, Sequence[ExportSample]], out_dir, fo
         elif fmt in ("fer2013", "ferplus"):
             result[fmt] = target
             rows = fer_rows if fmt == "ferplus" else fer_rows[:n_fer2013]
-            if fmt == "fer2013":
+            if fmt == "fer2013" and len(fer_rows) > n_fer2013:  # a Counter keeps a += 0 as a zero entry
                 result.skipped[fmt]["contempt_not_in_7_class_dataset"] += len(fer_rows) - n_fer2013
             vote_rng = np.random.default_rng([seed, ALL_FORMATS.index("ferplus")])
             votes = [_ferplus_votes(vote_rng, int(s.label)) for _, s in fer_rows]  # same votes for both formats
