@@ -2,7 +2,7 @@
 
 A generator may learn faces from more images than the labelled subset (as Stable Diffusion's pretraining brings
 in faces the labelled set lacks): ``GeneratorFERDataModule`` adds such faces to its train split with label -1, no
-soft label and the generic caption of a face of unknown expression (a caption sidecar's text is replaced: it may
+soft label and the generic caption "a close-up photo of a face" (a caption sidecar's text is replaced: it may
 name the expression). AUs stay: they come from a detector, not from the labels. The self-training baseline
 pseudo-labels the very same faces (``unlabelled_faces``). Teachers and students are built on
 ``RealFERDataModule``, whose loaders never serve these faces; only this subclass adds them.
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from datamodules.batch import FERRecord, RecordDataset
-from datamodules.labels import UNKNOWN_LABEL, AUVocabulary, template_caption
+from datamodules.labels import UNKNOWN_LABEL, template_caption
 from datamodules.real import RealFERDataModule
 from datamodules.transforms import train_transform
 
@@ -31,10 +31,11 @@ def pick_unlabelled(pool: Sequence[FERRecord], n: Optional[int], seed: int) -> l
     return [pool[i] for i in np.sort(order)]
 
 
-def as_unlabelled(record: FERRecord, vocab: AUVocabulary) -> FERRecord:
-    """A copy of ``record`` without anything that carries its expression (label, soft label, caption)."""
-    caption = template_caption(UNKNOWN_LABEL, record.aus, record.au_mask, vocab)  # the one caption of such faces
-    return dataclasses.replace(record, label=UNKNOWN_LABEL, soft_label=None, caption=caption,
+def as_unlabelled(record: FERRecord) -> FERRecord:
+    """A copy of ``record`` without anything that carries its expression (label, soft label, caption); its AUs
+    stay (a detector's output, and the AU branch's input)."""
+    # the one caption of such faces, without AU cue words either: they would spell the expression out
+    return dataclasses.replace(record, label=UNKNOWN_LABEL, soft_label=None, caption=template_caption(UNKNOWN_LABEL),
                                meta={"unlabelled": True})
 
 
@@ -55,8 +56,7 @@ def unlabelled_faces(datamodule: RealFERDataModule, n: Optional[int]) -> list[FE
     The same config gives the same faces to the generator and to the self-training baseline."""
     if not datamodule.records:
         raise RuntimeError("unlabelled_faces needs a datamodule after setup()")
-    faces = [as_unlabelled(r, datamodule.vocab)
-             for r in pick_unlabelled(datamodule.outside_subset, n, datamodule.seed)]
+    faces = [as_unlabelled(r) for r in pick_unlabelled(datamodule.outside_subset, n, datamodule.seed)]
     check_disjoint(faces, datamodule.records)
     return faces
 

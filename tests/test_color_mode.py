@@ -123,7 +123,8 @@ def test_gray_export_to_generator_to_synthesis_to_student(tiny_cfg, tmp_path, ca
 
     export_toyfaces(ToyFacesConfig(image_size=40, seed=3), {"train": 32, "val": 8, "test": 16}, tmp_path / "export",
                     formats=["ferplus"], sidecars="none")
-    data = ["data=ferplus", f"data.root={tmp_path / 'export' / 'ferplus'}", "data.image_size=32", "data.num_workers=0"]
+    data = ["data=ferplus", f"data.root={tmp_path / 'export' / 'ferplus'}", "data.image_size=32",
+            "data.num_workers=0"]
     with caplog.at_level(logging.INFO), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no teacher: the generator evaluation is skipped with a warning
         metrics = run_generator_stage(tiny_cfg("stage=generator", *data, "generator.model.image_size=16"))
