@@ -245,15 +245,19 @@ def labelled_subset(train: list[FERRecord], limit: Optional[int], rng: np.random
     return [train[i] for i in keep], [r for r, c in zip(train, chosen) if not c]
 
 
-def native_size(datamodule: "RealFERDataModule") -> tuple[int, int]:
-    """(width, height) of the dataset's faces as stored (the first train face, after its face crop)."""
-    from datamodules.batch import load_record_image
+def native_size(datamodule: "RealFERDataModule") -> Optional[tuple[int, int]]:
+    """(width, height) of the dataset's faces as stored: the first readable of the first train faces, after its
+    face crop (None when none of them can be read; the loaders count those)."""
+    from datamodules.batch import LOAD_ERRORS, load_record_image
 
     if datamodule.format == "toy":
         return (int(datamodule.toy_config.image_size),) * 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return tuple(load_record_image(datamodule.records["train"][0]).size)
+    for record in datamodule.records["train"][:16]:
+        try:
+            return tuple(load_record_image(record).size)
+        except LOAD_ERRORS:
+            continue
+    return None
 
 
 def check_format_options(format: str, options: dict) -> None:

@@ -187,15 +187,15 @@ def training_data(cfg: DictConfig, datamodule) -> dict:
     stores its faces in the same colour mode."""
     from datamodules.real import native_size
 
-    native = list(native_size(datamodule))
+    native = list(native_size(datamodule) or ("?", "?"))
     info = {"format": datamodule.format, "color_mode": datamodule.color_mode, "native_size": native,
             "generator_image_size": int(cfg.generator.model.image_size), "data_image_size": int(cfg.data.image_size),
             "labelled_faces": datamodule.num_labelled, "unlabelled_faces": datamodule.num_unlabelled}
     log.info("generator: %d labelled + %d unlabelled train faces (label -1, generic caption; teachers and students "
              "see only the %d labelled)", info["labelled_faces"], info["unlabelled_faces"], info["labelled_faces"])
-    log.info("generator: %s faces of native size %dx%d, trained at %dx%d (generator.model.image_size); students "
-             "read faces at %dx%d (data.image_size)", info["color_mode"], *native, *(2 * [info["generator_image_size"]]),
-             *(2 * [info["data_image_size"]]))
+    log.info("generator: %s faces of native size %sx%s, trained at %dx%d (generator.model.image_size); students "
+             "read faces at %dx%d (data.image_size)", info["color_mode"], *native,
+             *(2 * [info["generator_image_size"]]), *(2 * [info["data_image_size"]]))
     return info
 
 
@@ -256,7 +256,8 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
     guide = (load_guide(str(cfg.generator.guidance.classifier), int(cfg.data.image_size), model.device)
              if guidance.enabled else None)
     with torch.no_grad():
-        metrics, images = evaluate_generator(ColorModeSampler(model, datamodule.color_mode), teacher, conds, int(cfg.data.image_size),
+        sampler = ColorModeSampler(model, datamodule.color_mode)  # judged as students will get the faces
+        metrics, images = evaluate_generator(sampler, teacher, conds, int(cfg.data.image_size),
                                              au_active_threshold=float(ev.au_active_threshold),
                                              guidance=guidance, guide=guide,
                                              compare_unguided=bool(ev.compare_unguided))

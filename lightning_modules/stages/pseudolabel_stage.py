@@ -106,13 +106,14 @@ def run_pseudolabel_stage(cfg: DictConfig) -> dict:
             result = ensemble_vote(probs, float(pl.threshold), weights)
             hidden = {r.sample_id: r.label for r in datamodule.outside_subset}
             written, unreadable = write_set(out_dir / "dataset", readable, probs, list(voters), result, cfg,
-                                            datamodule.color_mode)
+                                            datamodule.color_mode, len(datamodule.vocab))
             unreadable += len(faces) - len(readable)
             if unreadable:
                 warnings.warn(f"pseudolabel: {unreadable} unreadable face(s) left out of {out_dir / 'dataset'}")
             card = pseudolabel_card(readable, result, hidden, datamodule.class_names, written, unreadable)
             runtime.write_json_atomic(out_dir / "data_card.json", card)
             metrics = {"seconds": time.time() - start, "world_size": trainer.world_size,
+                       "labelled_faces": len(datamodule.records["train"]), "unlabelled_faces": len(faces),
                        "dataset": str(out_dir / "dataset"), "data_card": card}
             for lg in loggers:
                 lg.log_metrics({f"pseudolabel/{k}": v for k, v in card.items() if isinstance(v, (int, float))})
@@ -123,7 +124,7 @@ def run_pseudolabel_stage(cfg: DictConfig) -> dict:
 
 
 def write_set(directory: Path, faces, probs: torch.Tensor, voter_names: list[str], result, cfg: DictConfig,
-              color_mode: str) -> tuple[int, int]:
+              color_mode: str, num_aus: int) -> tuple[int, int]:
     """The voted faces as a synthetic-store set, a shard per ``pseudolabel.chunk_size`` faces (images as stored,
     in the data's colour mode; ``target_label`` = the vote's label, as there is no conditioned one). Returns
     (rows written, faces whose image could not be read any more)."""
@@ -131,7 +132,7 @@ def write_set(directory: Path, faces, probs: torch.Tensor, voter_names: list[str
     from datamodules.synthetic import update_manifest, write_shard
     from datamodules.transforms import to_color_mode
 
-    chunk, num_aus = int(cfg.pseudolabel.chunk_size), len(cfg.data.aus)
+    chunk = int(cfg.pseudolabel.chunk_size)
     meta = {"source": "pseudolabel", "voters": voter_names, "threshold": float(cfg.pseudolabel.threshold),
             "color_mode": color_mode, "complete": False}
     written = unreadable = 0
@@ -148,7 +149,8 @@ def write_set(directory: Path, faces, probs: torch.Tensor, voter_names: list[str
             values = {"image": image.convert("L") if color_mode == "gray" else image, "sample_id": face.sample_id,
                       "seed": 0, "target_label": label,
                       "target_aus": (face.aus.tolist() if face.aus is not None else [0.0] * num_aus),
-                      "au_mask": (face.au_mask.tolist() if face.au_mask is not None else [face.aus is not None] * num_aus),
+                      "au_mask": (face.au_mask.tolist() if face.au_mask is not None
+                                  else [face.aus is not None] * num_aus),
                       "caption": face.caption, "guidance": json.dumps({"source": "pseudolabel"}),
                       **{f"probs/{name}": probs[v, i].tolist() for v, name in enumerate(voter_names)},
                       "final_label": label, "soft_label": result.soft_label[i].tolist(),
