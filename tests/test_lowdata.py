@@ -4,7 +4,9 @@ self-training baseline pseudo-labels the very same unlabelled faces into a set t
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,23 @@ def test_fer2013_lowdata_compares_synthetic_faces_with_self_training(tmp_path):
     same = ("mode", "ratio", "scale", "class_balance", "use_relabel", "kept_only", "synthetic_augment")
     assert {k: mix[k] for k in same} == {k: selftrain[k] for k in same} and mix.mode == "ratio"
     assert list(cfg.pseudolabel.voters) == ["teacher"]  # not FERAnno: it is built on the generator
+
+
+@pytest.mark.slow
+def test_pipeline_self_training_student_end_to_end(tiny_cfg):
+    """teacher -> pseudolabel -> students (real only, self-training) -> report, in one run folder."""
+    import train
+
+    cfg = tiny_cfg("stage=pipeline", *TOY, "generator.data.train_limit=null",
+                   "pipeline.stages=[teacher,pseudolabel,students]", "pseudolabel.threshold=0.0",
+                   "~pipeline.students.student_mix", "+pipeline.students.student_selftrain={mode: concat, "
+                   "scale: null, synthetic: '${paths.run_dir}/pseudolabel/dataset'}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train.run_stage(cfg)
+    assert [result[s] for s in ("teacher", "pseudolabel", "student", "student_selftrain")] == ["ran"] * 4
+    run = Path(cfg.paths.run_dir)
+    selftrain = json.loads((run / "student_selftrain" / "metrics.json").read_text())
+    real_only = json.loads((run / "student" / "metrics.json").read_text())
+    assert real_only["data/train_size"] == selftrain["data/train_size"] == LABELLED
+    assert selftrain["data/mix/synthetic_size"] == N_TRAIN - LABELLED
