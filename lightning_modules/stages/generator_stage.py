@@ -1,5 +1,9 @@
 """`stage=generator`: fit the text + AU conditioned diffusion model on the real faces, save it as a diffusers
-pipeline directory (+ AU adapter), draw sample grids, and score generated faces with the teacher."""
+pipeline directory (+ AU adapter), draw sample grids, and score generated faces with the teacher.
+
+Low-data runs: ``generator.data.train_limit`` lets the generator learn from train faces outside the labelled
+``data.train_limit`` subset too (without their labels, datamodules/unlabelled.py). What it learned from (faces,
+colour mode, native and model sizes) is logged and saved with the pipeline (``training_data.json``)."""
 from __future__ import annotations
 
 import json
