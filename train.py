@@ -42,6 +42,12 @@ def _relabel(cfg: DictConfig):
     return run_relabel_stage(cfg)
 
 
+def _stage(name: str):
+    import importlib
+
+    return importlib.import_module(f"lightning_modules.stages.{name}")
+
+
 def _pipeline(cfg: DictConfig):
     from lightning_modules.stages.pipeline import run_pipeline
 
@@ -55,7 +61,7 @@ def _report(cfg: DictConfig):
 
 
 STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesize": _synthesize,
-          "relabel": _relabel,
+          "relabel": _relabel, "pseudolabel": lambda cfg: _stage("pseudolabel_stage").run_pseudolabel_stage(cfg),
           "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 
 

@@ -12,6 +12,7 @@ batches (a few samples are then seen twice in that epoch).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Optional, Sequence
@@ -27,6 +28,7 @@ from datamodules.real import RealFERDataModule
 from datamodules.synthetic import SyntheticFERDataset
 from datamodules.transforms import AugmentConfig, train_transform
 
+log = logging.getLogger(__name__)
 MODES = ("real_only", "synthetic_only", "concat", "ratio")
 MIX_KEYS = ("mode", "synthetic", "scale", "ratio", "class_balance", "use_relabel", "kept_only",
             "synthetic_augment", "seed")
@@ -102,6 +104,17 @@ class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
         real, syn = real.view(-1, self.n_real), syn.view(-1, self.n_syn) + self.num_real
         for b in range(self.rank, self.global_batches, self.world_size):
             yield real[b].tolist() + syn[b].tolist()
+
+
+def log_color_conversion(directories: Sequence[str], color_mode: str) -> None:
+    """One line per synthetic set stored in another colour mode than the real data's (its faces are converted)."""
+    from datamodules.synthetic import read_manifest
+
+    for directory in directories:
+        stored = read_manifest(directory).get("meta", {}).get("color_mode", "rgb")
+        if stored != color_mode:
+            log.info("mix: synthetic faces of %s are stored %s; the student gets them %s like the real faces",
+                     directory, stored, color_mode)
 
 
 def augment_config(values: dict) -> AugmentConfig:
@@ -225,7 +238,8 @@ class MixedFERDataModule(L.LightningDataModule):
         real_ds = real.datasets["train"]
         if with_soft and not real.soft_labels:
             # same records and shared load-failure flags, so unreadable faces still reach the data summary
-            real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment), with_soft_labels=True)
+            real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment, real.color_mode),
+                                      with_soft_labels=True)
         real_labels = np.array([r.label if r.label >= 0 or r.soft_label is None else int(np.argmax(r.soft_label))
                                 for r in records])
         parts, labels = [], []
@@ -237,9 +251,11 @@ class MixedFERDataModule(L.LightningDataModule):
         self.num_synthetic = n_syn
         if n_syn:
             rows, syn_labels, _ = syn
+            log_color_conversion(self.synthetic, real.color_mode)
             parts.append(SyntheticFERDataset(rows, self.image_size, self.num_classes, self.use_relabel,
-                                             kept_only=False, soft_labels=with_soft,
-                                             transform=train_transform(self.image_size, self.synthetic_augment)))
+                                             kept_only=False, soft_labels=with_soft, color_mode=real.color_mode,
+                                             transform=train_transform(self.image_size, self.synthetic_augment,
+                                                                       real.color_mode)))
             labels.append(syn_labels)
             self.synthetic_labels = syn_labels
         self.train_dataset = ConcatDataset(parts)  # real indices first, then synthetic

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from datamodules.batch import FERDataLoader, FERRecord, RecordDataset, collate_fer
 from datamodules.errors import DataError, DataFileNotFound
 from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_list
-from datamodules.transforms import AugmentConfig, eval_transform, train_transform
+from datamodules.transforms import AugmentConfig, check_color_mode, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
 # Skip reasons already warned about where they are counted (readers, verify_images, _drop_shared_files).
@@ -52,6 +52,7 @@ class RealFERDataModule(L.LightningDataModule):
         augment: Optional[dict] = None,
         soft_labels: bool = False,
         verify_images: bool = False,
+        color_mode: str = "rgb",            # rgb | gray: the colour every face reaches a model in
     ):
         super().__init__()
         from datamodules.formats import READERS
@@ -82,6 +83,7 @@ class RealFERDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if train_limit is not None and train_limit < 1:
             raise ValueError(f"data.train_limit must be >= 1 or null, got {train_limit}")
+        self.color_mode = check_color_mode(color_mode)
         self.format, self.root, self.protocol = format, root, protocol
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -102,6 +104,9 @@ class RealFERDataModule(L.LightningDataModule):
         self.skipped: collections.Counter = collections.Counter()
         self.records: dict[str, list[FERRecord]] = {}
         self.datasets: dict[str, RecordDataset] = {}
+        # train faces outside the data.train_limit subset: no loader of this class serves them (only a generator's
+        # datamodule adds them, without their labels; see datamodules/unlabelled.py)
+        self.outside_subset: list[FERRecord] = []
 
     # ------------------------------------------------------------------ reading
     def _read(self, split: str) -> list[FERRecord]:
@@ -174,9 +179,7 @@ class RealFERDataModule(L.LightningDataModule):
         else:
             val = self._in_protocol(self._read("val"), "val")
             train = self._drop_shared_files(train, val, "val")
-        if self.train_limit is not None and self.train_limit < len(train):
-            keep = np.sort(rng.choice(len(train), size=self.train_limit, replace=False))
-            train = [train[i] for i in keep]
+        train, self.outside_subset = labelled_subset(train, self.train_limit, rng)
         self.records = {"train": train, "val": val, "test": test}
         for split, recs in self.records.items():
             if not recs:
@@ -186,8 +189,8 @@ class RealFERDataModule(L.LightningDataModule):
         unwarned = {k: v for k, v in self.skipped.items() if k.split("/", 1)[1] not in READER_WARNED}
         if unwarned:
             warnings.warn(f"{self.format}: skipped samples: {unwarned}")
-        tf_train = train_transform(self.image_size, self.augment)
-        tf_eval = eval_transform(self.image_size)
+        tf_train = train_transform(self.image_size, self.augment, self.color_mode)
+        tf_eval = eval_transform(self.image_size, self.color_mode)
         common = dict(num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels)
         self.datasets = {"train": RecordDataset(train, tf_train, name=f"{self.format} train", **common),
                          "val": RecordDataset(val, tf_eval, name=f"{self.format} val", **common),
@@ -229,6 +232,32 @@ class RealFERDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def labelled_subset(train: list[FERRecord], limit: Optional[int], rng: np.random.Generator
+                    ) -> tuple[list[FERRecord], list[FERRecord]]:
+    """(the seeded ``data.train_limit`` subset in file order, the other train faces in file order)."""
+    if limit is None or limit >= len(train):
+        return train, []
+    keep = np.sort(rng.choice(len(train), size=limit, replace=False))
+    chosen = np.zeros(len(train), dtype=bool)
+    chosen[keep] = True
+    return [train[i] for i in keep], [r for r, c in zip(train, chosen) if not c]
+
+
+def native_size(datamodule: "RealFERDataModule") -> Optional[tuple[int, int]]:
+    """(width, height) of the dataset's faces as stored: the first readable of the first train faces, after its
+    face crop (None when none of them can be read; the loaders count those)."""
+    from datamodules.batch import LOAD_ERRORS, load_record_image
+
+    if datamodule.format == "toy":
+        return (int(datamodule.toy_config.image_size),) * 2
+    for record in datamodule.records["train"][:16]:
+        try:
+            return tuple(load_record_image(record).size)
+        except LOAD_ERRORS:
+            continue
+    return None
 
 
 def check_format_options(format: str, options: dict) -> None:

@@ -29,17 +29,21 @@ import torch
 from PIL import Image
 
 from datamodules.errors import DataError, DataFileNotFound
-from datamodules.transforms import eval_transform
+from datamodules.transforms import check_color_mode, eval_transform, gray_tensor, to_color_mode
 
 MANIFEST = "manifest.json"
 FORMAT = "synfer-synthetic/1"
 REQUIRED_COLUMNS = ("image", "sample_id", "target_label", "target_aus", "au_mask", "caption")
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(N,3,H,W) floats in [0,1] -> RGB PIL images (what the store keeps, PNG-encoded)."""
-    array = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
+def to_pil(images: torch.Tensor, color_mode: str = "rgb") -> list[Image.Image]:
+    """(N,3,H,W) floats in [0,1] -> PIL images (what the store keeps, PNG-encoded): RGB, or for ``gray`` mode L
+    images of the luma (a generator trained on gray faces drifts into tinted ones)."""
+    images = images.detach().clamp(0, 1)
+    if check_color_mode(color_mode, "color_mode") == "gray":
+        images = gray_tensor(images)[:, :1]
+    array = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -239,17 +243,20 @@ class SyntheticFERDataset(torch.utils.data.Dataset):
     """A synthetic set as standard FER samples (the FERBatch dict): the relabelled ``final_label`` /
     ``soft_label`` when present (``use_relabel``), else the conditioned ``target_label``; ``kept_only`` hides the
     samples the vote dropped. ``soft_labels``: None = a ``soft_label`` exactly when relabelled, True = always
-    (one-hot for conditioned labels), False = never (a batch needs the same keys in every item)."""
+    (one-hot for conditioned labels), False = never (a batch needs the same keys in every item). ``color_mode``:
+    the faces are converted to it (a gray student gets gray faces from an RGB generator too)."""
 
     def __init__(self, dataset, image_size: int, num_classes: int, use_relabel: bool = True,
-                 kept_only: bool = True, transform=None, soft_labels: Optional[bool] = None):
+                 kept_only: bool = True, transform=None, soft_labels: Optional[bool] = None,
+                 color_mode: str = "rgb"):
         self.relabelled = use_relabel and "final_label" in dataset.column_names
         if kept_only and "kept" in dataset.column_names:
             keep = np.flatnonzero(np.asarray(dataset["kept"], dtype=bool))
             dataset = dataset.select(keep)
         self.dataset = dataset
         self.num_classes = num_classes
-        self.transform = transform or eval_transform(image_size)
+        self.color_mode = check_color_mode(color_mode, "color_mode")
+        self.transform = transform or eval_transform(image_size, self.color_mode)
         self.soft_labels = self.relabelled if soft_labels is None else bool(soft_labels)
 
     def __len__(self) -> int:
@@ -260,7 +267,7 @@ class SyntheticFERDataset(torch.utils.data.Dataset):
         label = int(row["final_label"] if self.relabelled else row["target_label"])
         if not 0 <= label < self.num_classes:
             raise ValueError(f"synthetic sample {row['sample_id']} has label {label} outside [0, {self.num_classes})")
-        item = {"image": self.transform(row["image"].convert("RGB")), "label": torch.tensor(label),
+        item = {"image": self.transform(to_color_mode(row["image"], self.color_mode)), "label": torch.tensor(label),
                 "aus": torch.tensor(row["target_aus"], dtype=torch.float32),
                 "au_mask": torch.tensor(row["au_mask"], dtype=torch.bool),
                 "caption": row["caption"], "sample_id": row["sample_id"]}

@@ -1,10 +1,43 @@
-"""Image transforms: PIL RGB -> float tensor (C,H,W) in [-1, 1] (torchvision v2)."""
+"""Image transforms: PIL RGB -> float tensor (C,H,W) in [-1, 1] (torchvision v2), and the colour modes.
+
+``color_mode`` is the colour of a dataset's faces: ``rgb``, or ``gray`` (FER2013, FERPlus). Gray faces keep three
+channels (every model takes RGB input) holding the same ITU-R 601 luma, so a gray face is gray whatever produced
+it: a gray dataset's loader, or a generator whose output channels drift apart (the tinted faces of a generator
+trained on gray faces).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+
+COLOR_MODES = ("rgb", "gray")
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
+
+
+def check_color_mode(mode: str, key: str = "data.color_mode") -> str:
+    """The mode itself, or ValueError naming ``key``."""
+    if mode not in COLOR_MODES:
+        raise ValueError(f"{key} must be one of {', '.join(COLOR_MODES)}, got {mode!r}")
+    return mode
+
+
+def to_color_mode(image: Image.Image, mode: str) -> Image.Image:
+    """A PIL image as an RGB image of ``mode``: gray = its luma in all three channels."""
+    check_color_mode(mode)
+    if mode == "gray":
+        return image.convert("L").convert("RGB")
+    return image.convert("RGB")
+
+
+def gray_tensor(images: torch.Tensor) -> torch.Tensor:
+    """(N,3,H,W) -> the same shape with each pixel's luma in all three channels (any value range)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected (N,3,H,W) images, got shape {tuple(images.shape)}")
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True).expand_as(images).contiguous()
 
 
 @dataclass(frozen=True)
@@ -30,12 +63,17 @@ class AugmentConfig:
 _TO_SIGNED = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
 
 
-def eval_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([v2.Resize((image_size, image_size), antialias=True), *_TO_SIGNED])
+def _color_steps(color_mode: str) -> list:
+    # first: the augmentations below keep equal channels equal (saturation jitter blends with the gray image)
+    return [v2.Grayscale(num_output_channels=3)] if check_color_mode(color_mode) == "gray" else []
 
 
-def train_transform(image_size: int, augment: AugmentConfig) -> v2.Compose:
-    steps: list = []
+def eval_transform(image_size: int, color_mode: str = "rgb") -> v2.Compose:
+    return v2.Compose([*_color_steps(color_mode), v2.Resize((image_size, image_size), antialias=True), *_TO_SIGNED])
+
+
+def train_transform(image_size: int, augment: AugmentConfig, color_mode: str = "rgb") -> v2.Compose:
+    steps: list = _color_steps(color_mode)
     if augment.crop_scale != (1.0, 1.0):
         steps.append(v2.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=(0.9, 1.1), antialias=True))
     else:

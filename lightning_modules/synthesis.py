@@ -41,6 +41,8 @@ class SynthesisModule(L.LightningModule):
                         "trained_on_aus=false); faces are sampled without the plan's AU targets")
         self.guide = guide
         self.guidance = guidance if guidance is not None and guidance.enabled else None
+        self.training_data = generator_training_data(pipe)
+        self.color_mode = self.training_data.get("color_mode", "rgb")  # faces are stored in it
         settings = dict(sample)
         if pipe.null_class is None:  # a label scale means nothing to a pipeline without class labels
             settings.pop("label_scale", None)
@@ -63,12 +65,30 @@ class SynthesisModule(L.LightningModule):
         return {"images": images.cpu()}
 
 
-def png_bytes(images: torch.Tensor) -> list[dict]:
-    """(N,3,H,W) in [0,1] -> the ``datasets.Image`` cell of each face (PNG bytes: lossless, deterministic)."""
+def generator_training_data(pipe) -> dict:
+    """What a saved generator learned from (colour mode, sizes; {} when unknown), logged once."""
+    from lightning_modules.stages.generator_stage import read_training_data
+
+    info = read_training_data(pipe.name_or_path) if getattr(pipe, "name_or_path", None) else {}
+    if info:
+        native = info.get("native_size", ["?", "?"])
+        log.info("synthesis: the generator makes %s faces at %dx%d, learned from %s faces of native size %sx%s "
+                 "(students read them at %s px)", info.get("color_mode", "rgb"), *(2 * [int(info.get(
+                     "generator_image_size", pipe.config.image_size))]), info.get("format", "?"), *native,
+                 info.get("data_image_size", "?"))
+    else:
+        log.info("synthesis: the generator folder records no training data (%s); faces are stored RGB",
+                 "training_data.json")
+    return info
+
+
+def png_bytes(images: torch.Tensor, color_mode: str = "rgb") -> list[dict]:
+    """(N,3,H,W) in [0,1] -> the ``datasets.Image`` cell of each face (PNG bytes: lossless, deterministic), RGB or
+    for ``gray`` an L image of the luma."""
     from datamodules.synthetic import to_pil
 
     cells = []
-    for image in to_pil(images):
+    for image in to_pil(images, color_mode):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         cells.append({"bytes": buffer.getvalue(), "path": None})
@@ -111,7 +131,8 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
         rows = {c: list(batch[c]) for c in self.COLUMNS}
-        rows["image"] = png_bytes(prediction["images"])
+        color_mode = getattr(pl_module, "color_mode", "rgb")
+        rows["image"] = png_bytes(prediction["images"], color_mode)
         rows["guidance"] = [self.guidance_json] * len(rows["sample_id"])
         for key, values in rows.items():
             self.buffer.setdefault(key, []).extend(values)
@@ -123,8 +144,10 @@ class ShardWriter(BasePredictionWriter):
             from datamodules.synthetic import write_shard
 
             # replace=True: a chunk listed by a rank that died after writing it is simply redone
+            meta = {"color_mode": color_mode, "image_size": int(prediction["images"].shape[-1]),
+                    "generator_training_data": getattr(pl_module, "training_data", {})}
             write_shard(self.output_dir, chunk_name(int(batch["chunk"])), self.buffer, features=self.features,
-                        replace=True)
+                        replace=True, meta=meta)
             self.buffer = {}
             self.shards += 1
 

@@ -1,11 +1,17 @@
 """`stage=generator`: fit the text + AU conditioned diffusion model on the real faces, save it as a diffusers
-pipeline directory (+ AU adapter), draw sample grids, and score generated faces with the teacher."""
+pipeline directory (+ AU adapter), draw sample grids, and score generated faces with the teacher.
+
+Low-data runs: ``generator.data.train_limit`` lets the generator learn from train faces outside the labelled
+``data.train_limit`` subset too (without their labels, datamodules/unlabelled.py). What it learned from (faces,
+colour mode, native and model sizes) is logged and saved with the pipeline (``training_data.json``)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import lightning as L
@@ -15,7 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_modules import runtime
 from lightning_modules.runtime import ConfigError, require
 
+log = logging.getLogger(__name__)
 HASH_KEYS = ["data", "generator", "trainer", "seed"]
+# Written into the saved pipeline folder: what the generator learned from (colour mode, sizes, faces).
+TRAINING_DATA = "training_data.json"
 # Settings that do not change the training trajectory: raising max_steps continues a finished or killed run.
 RESUME_IGNORED = ("max_steps", "max_epochs", "eval", "grids", "guidance", "resume", "checkpoint_every_n_steps")
 
@@ -34,6 +43,7 @@ def check_generator_config(cfg: DictConfig) -> None:
     require(model.image_size is not None and 8 <= int(model.image_size) <= 2048, "generator.model.image_size",
             f"must be in [8, 2048], got {model.image_size}")
     require(int(gen.batch_size) >= 1, "generator.batch_size", f"must be >= 1, got {gen.batch_size}")
+    unlabelled_count(cfg)
     require(int(gen.max_steps) >= 1 or int(gen.max_epochs) >= 1, "generator.max_steps",
             f"set generator.max_steps or generator.max_epochs >= 1 (got {gen.max_steps}, {gen.max_epochs})")
     require(int(gen.val_every_n_epochs) >= 1, "generator.val_every_n_epochs",
@@ -76,10 +86,32 @@ def load_guide(checkpoint: str, image_size: int, device="cpu"):
     return ClassifierGuide(load_teacher(checkpoint, map_location=device), image_size)
 
 
+def unlabelled_count(cfg: DictConfig) -> Optional[int]:
+    """How many train faces outside the labelled ``data.train_limit`` subset the generator learns from (label -1,
+    generic caption): 0, n, or None for all of them; from ``generator.data.train_limit`` (absent: the subset)."""
+    labelled = OmegaConf.select(cfg, "data.train_limit", default=None)
+    total = OmegaConf.select(cfg, "generator.data.train_limit", default=labelled)
+    key = "generator.data.train_limit"
+    require(total is None or (isinstance(total, int) and not isinstance(total, bool) and total >= 1), key,
+            f"must be a number of faces >= 1 or null (every train face), got {total!r}")
+    if labelled is None:
+        require(total is None, key, f"is {total}, fewer faces than the labelled set (data.train_limit=null: every "
+                                    "train face is labelled); leave it null")
+        return 0
+    if total is None:
+        return None
+    require(total >= labelled, key, f"is {total}, smaller than data.train_limit={labelled}: the generator sees "
+                                    "the labelled subset and possibly more, never fewer faces")
+    return total - labelled
+
+
 def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The real data at the generator's size and augmentation, plus the unlabelled faces it may learn from."""
     gen = cfg.generator
     try:
-        return hydra.utils.instantiate(cfg.data, image_size=int(gen.model.image_size), batch_size=int(gen.batch_size),
+        return hydra.utils.instantiate(cfg.data, _target_="datamodules.unlabelled.GeneratorFERDataModule",
+                                       unlabelled=unlabelled_count(cfg), image_size=int(gen.model.image_size),
+                                       batch_size=int(gen.batch_size),
                                        augment=OmegaConf.to_container(gen.augment, resolve=True), _convert_="all")
     except hydra.errors.InstantiationException as err:
         raise ConfigError("data", str(err.__cause__ or err)) from err
@@ -114,6 +146,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     model = build_generator(cfg, datamodule)
     datamodule.setup("fit")
+    faces = training_data(cfg, datamodule)
     grids = GeneratorSampleGrids(grid_conditions(datamodule.records["val"], datamodule.num_classes,
                                                  len(datamodule.vocab), model.captioner),
                                  out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
@@ -137,18 +170,60 @@ def run_generator_stage(cfg: DictConfig) -> dict:
         final_val = trainer.validate(model, datamodule=datamodule, verbose=False)  # all ranks: DDP syncs it
         if trainer.is_global_zero:
             model.save_generator(out_dir / "pipeline")
+            runtime.write_json_atomic(out_dir / "pipeline" / TRAINING_DATA, faces)
             metrics = {"fit_seconds": fit_s, "steps": trainer.global_step, "resumed_from": str(resume or ""),
                        "pipeline": str(out_dir / "pipeline"), "world_size": trainer.world_size,
                        "val_loss": final_val[0].get("val/loss") if final_val else None,
                        "train_loss": _logged(trainer, "train/loss"),
                        "grids": {k: str(v) for k, v in grids.last_paths.items()},
-                       "data": datamodule.summary()}
+                       "data": datamodule.summary(), "training_data": faces}
             if gen.eval.enabled:
                 metrics["eval"] = evaluate_with_teacher(cfg, model, datamodule, out_dir, loggers)
     finally:
         runtime.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)
     return metrics
+
+
+def training_data(cfg: DictConfig, datamodule) -> dict:
+    """What the generator learns from, logged once: faces (labelled / unlabelled), colour mode, the faces' native
+    size against the generator's and the students' sizes. Saved with the pipeline (``TRAINING_DATA``) so synthesis
+    stores its faces in the same colour mode."""
+    from datamodules.real import native_size
+
+    native = list(native_size(datamodule) or ("?", "?"))
+    info = {"format": datamodule.format, "color_mode": datamodule.color_mode, "native_size": native,
+            "generator_image_size": int(cfg.generator.model.image_size), "data_image_size": int(cfg.data.image_size),
+            "labelled_faces": datamodule.num_labelled, "unlabelled_faces": datamodule.num_unlabelled}
+    log.info("generator: %d labelled + %d unlabelled train faces (label -1, generic caption; teachers and students "
+             "see only the %d labelled)", info["labelled_faces"], info["unlabelled_faces"], info["labelled_faces"])
+    log.info("generator: %s faces of native size %sx%s, trained at %dx%d (generator.model.image_size); students "
+             "read faces at %dx%d (data.image_size)", info["color_mode"], *native,
+             *(2 * [info["generator_image_size"]]), *(2 * [info["data_image_size"]]))
+    return info
+
+
+def read_training_data(pipeline_dir) -> dict:
+    """The ``TRAINING_DATA`` record of a saved generator ({} for one saved before it existed)."""
+    path = Path(pipeline_dir) / TRAINING_DATA
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class ColorModeSampler:
+    """The generator as its faces reach students: ``sample`` returns them in the training data's colour mode
+    (gray: luma in all channels), so the evaluation judges what synthesis stores."""
+
+    def __init__(self, model, color_mode: str):
+        self._model, self._gray = model, color_mode == "gray"
+
+    def sample(self, *args, **kwargs):
+        from datamodules.transforms import gray_tensor
+
+        images = self._model.sample(*args, **kwargs)
+        return gray_tensor(images) if self._gray else images
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
 
 
 def _logged(trainer, key: str):
@@ -185,12 +260,13 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
     guide = (load_guide(str(cfg.generator.guidance.classifier), int(cfg.data.image_size), model.device)
              if guidance.enabled else None)
     with torch.no_grad():
-        metrics, images = evaluate_generator(model, teacher, conds, int(cfg.data.image_size),
+        sampler = ColorModeSampler(model, datamodule.color_mode)  # judged as students will get the faces
+        metrics, images = evaluate_generator(sampler, teacher, conds, int(cfg.data.image_size),
                                              au_active_threshold=float(ev.au_active_threshold),
                                              guidance=guidance, guide=guide,
                                              compare_unguided=bool(ev.compare_unguided))
     if ev.save_samples:
-        metrics["eval_set"] = str(save_eval_set(out_dir / "eval_set", images, conds, cfg))
+        metrics["eval_set"] = str(save_eval_set(out_dir / "eval_set", images, conds, cfg, datamodule.color_mode))
     # a real test set may hold fewer than per_class faces of a rare class (or none): the grid takes as many columns
     # as the rarest drawn class fills
     names = sorted({int(x) for x in conds.labels.tolist()})
@@ -203,15 +279,15 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
     return metrics
 
 
-def save_eval_set(directory: Path, images, conds, cfg: DictConfig) -> Path:
+def save_eval_set(directory: Path, images, conds, cfg: DictConfig, color_mode: str = "rgb") -> Path:
     """The evaluated faces with their conditions as a synthetic set (input for stage=relabel)."""
     from datasets import Dataset
 
     from datamodules.synthetic import to_pil, write_dataset
 
     guidance = json.dumps(OmegaConf.to_container(cfg.generator.guidance, resolve=True), sort_keys=True)
-    rows = {"image": to_pil(images), "sample_id": [f"eval-{i:06d}" for i in range(len(conds))],
+    rows = {"image": to_pil(images, color_mode), "sample_id": [f"eval-{i:06d}" for i in range(len(conds))],
             "seed": list(conds.seeds), "target_label": conds.labels.tolist(), "target_aus": conds.aus.tolist(),
             "au_mask": conds.au_mask.tolist(), "caption": list(conds.captions), "guidance": [guidance] * len(conds)}
-    return write_dataset(directory, Dataset.from_dict(rows), meta={"source": "generator eval",
+    return write_dataset(directory, Dataset.from_dict(rows), meta={"source": "generator eval", "color_mode": color_mode,
                                                                   "experiment": str(cfg.experiment_name)})

@@ -19,12 +19,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules import runtime
 from lightning_modules.runtime import require
-from lightning_modules.stages import classifier_stage, generator_stage, relabel_stage
+from lightning_modules.stages import classifier_stage, generator_stage, pseudolabel_stage, relabel_stage
 from lightning_modules.stages.report import run_report
 
 log = logging.getLogger(__name__)
 
-STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "students")
+STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "pseudolabel", "students")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
@@ -89,6 +89,8 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     if "relabel" in wanted and relabel_on:
         steps.append(("relabel", lambda: (run_dir / "relabel", relabel_stage.done_digest(cfg),
                                           lambda: relabel_stage.run_relabel_stage(cfg), cfg)))
+    if "pseudolabel" in wanted:  # the self-training baseline's set
+        steps.append(("pseudolabel", lambda: pseudolabel_stage.step(cfg)))
     if "students" in wanted:
         students = student_configs(cfg)
         for one in students.values():  # a bad student mix stops the pipeline before its first step
@@ -104,7 +106,7 @@ def outputs_intact(label: str, out_dir: Path) -> bool:
     from datamodules.errors import DataError
     from datamodules.synthetic import verify_synthetic
 
-    if label not in ("synthesize", "relabel"):
+    if label not in ("synthesize", "relabel", "pseudolabel"):
         return True
     try:
         verify_synthetic(out_dir / "dataset")

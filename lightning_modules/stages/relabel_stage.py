@@ -69,24 +69,29 @@ def check_relabel_config(cfg: DictConfig) -> None:
             raise ConfigError("relabel.input", f"no synthetic set at {path} (no {MANIFEST}; run stage=synthesize or "
                                                "the generator evaluation first)")
         verify_synthetic(path)  # a damaged set is a DataError naming the shard file and the fix
-    require(rl.voters is not None and len(rl.voters) > 0, "relabel.voters", "at least one voter is needed")
-    for name, voter in rl.voters.items():
-        require(Path(str(voter.checkpoint)).is_file(), f"relabel.voters.{name}.checkpoint",
+    check_voters(rl, "relabel")
+
+
+def check_voters(node: DictConfig, key: str) -> None:
+    """``<key>.voters``, ``.threshold`` and ``.batch_size`` of a voting stage (relabel, pseudolabel)."""
+    require(node.voters is not None and len(node.voters) > 0, f"{key}.voters", "at least one voter is needed")
+    for name, voter in node.voters.items():
+        require(Path(str(voter.checkpoint)).is_file(), f"{key}.voters.{name}.checkpoint",
                 f"checkpoint not found: {voter.checkpoint}")
-        require(float(voter.get("weight", 1.0)) >= 0, f"relabel.voters.{name}.weight", "must be >= 0")
-    require(sum(float(v.get("weight", 1.0)) for v in rl.voters.values()) > 0, "relabel.voters",
+        require(float(voter.get("weight", 1.0)) >= 0, f"{key}.voters.{name}.weight", "must be >= 0")
+    require(sum(float(v.get("weight", 1.0)) for v in node.voters.values()) > 0, f"{key}.voters",
             "all voter weights are 0")
-    require(0.0 <= float(rl.threshold) <= 1.0, "relabel.threshold", f"must be in [0, 1], got {rl.threshold}")
-    require(int(rl.batch_size) >= 1, "relabel.batch_size", f"must be >= 1, got {rl.batch_size}")
+    require(0.0 <= float(node.threshold) <= 1.0, f"{key}.threshold", f"must be in [0, 1], got {node.threshold}")
+    require(int(node.batch_size) >= 1, f"{key}.batch_size", f"must be >= 1, got {node.batch_size}")
 
 
-def load_voters(cfg: DictConfig) -> dict[str, nn.Module]:
+def load_voters(cfg: DictConfig, key: str = "relabel") -> dict[str, nn.Module]:
     from lightning_modules.teacher import load_fer_classifier
 
-    voters = {name: load_fer_classifier(str(v.checkpoint)) for name, v in cfg.relabel.voters.items()}
+    voters = {name: load_fer_classifier(str(v.checkpoint)) for name, v in cfg[key].voters.items()}
     classes = {name: int(v.hparams.num_classes) for name, v in voters.items()}
     if len(set(classes.values())) != 1:
-        raise ConfigError("relabel.voters", f"voters disagree on the number of classes: {classes}")
+        raise ConfigError(f"{key}.voters", f"voters disagree on the number of classes: {classes}")
     return voters
 
 
@@ -145,7 +150,7 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
     num_classes = int(first.hparams.num_classes)
     class_names = list(getattr(first, "class_names", [str(c) for c in range(num_classes)]))
     loader = DataLoader(SyntheticFERDataset(dataset, int(rl.image_size), num_classes, use_relabel=False,
-                                            kept_only=False),
+                                            kept_only=False, color_mode=str(cfg.data.get("color_mode", "rgb"))),
                         batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
     pred_dir = out_dir / "predictions"
     loggers = runtime.build_loggers(cfg, out_dir, "relabel")
