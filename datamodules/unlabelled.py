@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from datamodules.batch import FERRecord, RecordDataset
-from datamodules.labels import UNKNOWN_LABEL, template_caption
+from datamodules.caption_builder import CaptionBuilder
+from datamodules.labels import UNKNOWN_LABEL
 from datamodules.real import RealFERDataModule
 from datamodules.transforms import train_transform
 
@@ -31,11 +32,15 @@ def pick_unlabelled(pool: Sequence[FERRecord], n: Optional[int], seed: int) -> l
     return [pool[i] for i in np.sort(order)]
 
 
+# The caption builder's caption of a face with no label and no AU cue: "a close-up photo of a face".
+UNLABELLED_CAPTION = CaptionBuilder(family="expression").caption(UNKNOWN_LABEL)
+
+
 def as_unlabelled(record: FERRecord) -> FERRecord:
     """A copy of ``record`` without anything that carries its expression (label, soft label, caption); its AUs
     stay (a detector's output, and the AU branch's input)."""
     # the one caption of such faces, without AU cue words either: they would spell the expression out
-    return dataclasses.replace(record, label=UNKNOWN_LABEL, soft_label=None, caption=template_caption(UNKNOWN_LABEL),
+    return dataclasses.replace(record, label=UNKNOWN_LABEL, soft_label=None, caption=UNLABELLED_CAPTION,
                                meta={"unlabelled": True})
 
 
