@@ -110,7 +110,7 @@ def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
     run_report(_cfg(tmp_path / "run", sweep, baseline=str(tmp_path / "base" / "student" / "metrics.json")))
     text = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "| real only | 0.5000 | – | – |" in text
-    # pure: repeated points are averaged (n shown); two experiments get their own rows; real-only = fallback baseline
+    # pure: repeated points are averaged (± sample std, n); two experiments get their own rows; real-only = fallback baseline
     records = [StudentRecord("a", "student", "concat", 1.0, 0.6, experiment="x"),
                StudentRecord("b", "student", "concat", 1.0, 0.8, experiment="x"),
                StudentRecord("c", "student", "real_only", 0.0, 0.3, experiment="x"),
@@ -118,7 +118,7 @@ def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
     table = scaling_table(records)
     assert table.baseline == 0.3 and table.scales == [1.0, 2.0]
     lines = scaling_markdown(table, image=None)
-    assert "| x: real + synthetic (concat) | – | 0.7000 (n=2) | – |" in lines
+    assert "| x: real + synthetic (concat) | – | 0.7000 ± 0.1414 (n=2) | – |" in lines
     assert "| y: real + synthetic (ratio) | – | – | 0.5000 |" in lines
 
 
