@@ -198,7 +198,9 @@ def scaling_markdown(table: ScalingTable, image: Optional[str] = "scaling.png") 
                      + " | ".join("–" for _ in scales) + " |")
     for key, cells in table.rows.items():
         lines.append(f"| {table.label(key)} | – | " + " | ".join(_mean_cell(cells.get(s)) for s in scales) + " |")
-    lines += ["", *protocol_lines(table.runs()), ""]
+    counts = [len(table.baseline_runs)] * bool(table.baseline_runs) + [len(c) for cells in table.rows.values()
+                                                                        for c in cells.values()]
+    lines += ["", *protocol_lines(table.runs(), counts, "cell"), ""]
     if image:
         lines += [f"![scaling]({image})", ""]
     return lines
@@ -311,7 +313,7 @@ def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablat
                  *([fmt(r.vote_agreement)] if vote else [])]
         lines.append("| " + " | ".join(cells) + " |")
     runs = [(f"{r.name}/{s.stage}", s.protocol) for r in rows for group in r.runs.values() for s in group]
-    lines += ["", *protocol_lines(runs), ""]
+    lines += ["", *protocol_lines(runs, [len(g) for r in rows for g in r.runs.values()], "cell"), ""]
     if image:
         lines += [f"![ablation]({image})", ""]
     return lines

@@ -140,12 +140,14 @@ def students_markdown(groups: Sequence[StudentGroup]) -> list[str]:
                      + " | ".join(mean_std(g.values(k)) for k in STUDENT_COLUMNS)
                      + f" | {_range([p.steps for p in ps])} | {_range([p.epochs for p in ps])} |")
     labelled = [(f"{g.name}" + (f" (seed {p.seed})" if len(g.runs) > 1 else ""), p) for g in groups for _, p in g.runs]
-    return lines + [""] + protocol_lines(labelled) + [""]
+    return lines + [""] + protocol_lines(labelled, [len(g.runs) for g in groups]) + [""]
 
 
-def protocol_lines(runs: Sequence[tuple[str, RunProtocol]]) -> list[str]:
-    """The protocol of one table's students: optimizer steps per student, step budget, early stopping, seeds (n);
-    a warning when their step budgets differ (the comparison then mixes training length with data)."""
+def protocol_lines(runs: Sequence[tuple[str, RunProtocol]], counts: Sequence[int], unit: str = "student"
+                   ) -> list[str]:
+    """The protocol of one table's students: optimizer steps per student, step budget, early stopping, seeds and
+    ``counts`` (runs per ``unit``: a student, a table cell); a warning when their step budgets differ (the
+    comparison then mixes training length with data)."""
     if not runs:
         return []
     protocols = [p for _, p in runs]
@@ -171,12 +173,9 @@ def protocol_lines(runs: Sequence[tuple[str, RunProtocol]]) -> list[str]:
     else:
         early = "no early stopping"
     seeds = sorted({p.seed for p in protocols if p.seed is not None})
-    per_group: dict[str, int] = {}
-    for p in protocols:
-        per_group[p.group or ""] = per_group.get(p.group or "", 0) + 1
-    n = _range(list(per_group.values()))
-    seed_text = (f"seeds {', '.join(map(str, seeds))} (n = {n} per student)" if seeds
-                 else f"n = {n} per student")
+    n = _range(list(counts))
+    seed_text = (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (n = {n} per {unit})" if seeds
+                 else f"n = {n} per {unit}")
     if n == "1":
         seed_text += "; one run each: seed-to-seed variation not measured"
     lines = [f"Protocol: {steps}; {budget}; {early}; the checkpoint with the best real val/acc is tested; "

@@ -137,8 +137,7 @@ def test_early_stopping_on_real_val_acc_tests_the_best_checkpoint(tiny_cfg, tmp_
                    "student.early_stopping_patience=1", "student.model.lr=0.02")
     run_classifier_stage(cfg, "student")
     m = _metrics(tmp_path / "run", "student")
-    assert m["stopped_early"] and m["optimizer_steps"] < 30 and m["optimizer_steps"] == _last_step(tmp_path / "run",
-                                                                                                    "student")
+    assert m["stopped_early"] and m["optimizer_steps"] < 30
     with open(tmp_path / "run" / "student" / "csv" / "metrics.csv") as f:
         val = [float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")]
     # one validation per step; training stopped one validation after the last improvement (patience 1)
