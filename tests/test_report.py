@@ -110,7 +110,8 @@ def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
     run_report(_cfg(tmp_path / "run", sweep, baseline=str(tmp_path / "base" / "student" / "metrics.json")))
     text = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "| real only | 0.5000 | – | – |" in text
-    # pure: repeated points are averaged (± sample std, n); two experiments get their own rows; real-only = fallback baseline
+    # pure: repeated points are averaged (± sample std, n); two experiments get their own rows; real-only = fallback
+    # baseline
     records = [StudentRecord("a", "student", "concat", 1.0, 0.6, experiment="x"),
                StudentRecord("b", "student", "concat", 1.0, 0.8, experiment="x"),
                StudentRecord("c", "student", "real_only", 0.0, 0.3, experiment="x"),
@@ -285,12 +286,14 @@ def test_seeded_students_are_averaged_with_their_protocol(tmp_path):
     run_report(_cfg(run))
     text = (run / "report" / "results.md").read_text()
     assert _table_rows(text, "## Students") == [
-        "| student | mix | train set | seeds | test/acc | test/mean_class_acc | test/macro_f1 | optimizer steps | epochs |",
+        "| student | mix | train set | seeds | test/acc | test/mean_class_acc | test/macro_f1 | optimizer steps "
+        "| epochs |",
         "| student | real_only | 500 | 0, 1, 2 | 0.5200 ± 0.0200 (n=3) | 0.4700 ± 0.0200 (n=3) | – | 720 | 45 |",
-        "| student_mix | concat ×1 | 3000 | 0, 1, 2 | 0.5800 ± 0.0300 (n=3) | 0.5300 ± 0.0300 (n=3) | – | 720 | 45 |"]
-    assert ("Protocol: every student 720 optimizer steps, batch size 64 (equal steps); step budget (student.max_steps); "
-            "no early stopping; the checkpoint with the best real val/acc is tested; seeds 0, 1, 2 (n = 3 per "
-            "student).") in text
+        "| student_mix | concat ×1 | 3000 | 0, 1, 2 | 0.5800 ± 0.0300 (n=3) | 0.5300 ± 0.0300 (n=3) | – | 720 "
+        "| 45 |"]
+    assert ("Protocol: every student 720 optimizer steps, batch size 64 (equal steps); step budget "
+            "(student.max_steps); no early stopping; the checkpoint with the best real val/acc is tested; seeds 0, 1, "
+            "2 (n = 3 per student).") in text
     assert "did NOT" not in text
     # the per-run table lists seeds in order, each student's seeds together
     stages = [r.split(" | ")[0][2:] for r in _table_rows(text, "## FER classifiers")[1:7]]
@@ -335,8 +338,9 @@ def test_scaling_and_ablation_tables_average_seeds(tmp_path):
         _student(run / "multirun" / "d" / str(num), "student", acc, "concat", 300, seed, scale=scale, max_steps=300)
     run_report(_cfg(run, run / "multirun"))
     text = (run / "report" / "results.md").read_text()
-    assert _table_rows(text, "## Scaling")[1:] == ["| real only | 0.5200 ± 0.0200 (n=3) | – | – |",
-                                                  "| real + synthetic (concat) | – | 0.5800 | 0.6200 ± 0.0200 (n=3) |"]
+    assert _table_rows(text, "## Scaling")[1:] == [
+        "| real only | 0.5200 ± 0.0200 (n=3) | – | – |",
+        "| real + synthetic (concat) | – | 0.5800 | 0.6200 ± 0.0200 (n=3) |"]
     scaling = text.split("## Scaling", 1)[1]
     assert "Protocol: every student 300 optimizer steps, batch size 64 (equal steps)" in scaling
     assert "seeds 0, 1, 2 (n = 1–3 per cell)" in scaling

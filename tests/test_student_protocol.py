@@ -70,7 +70,8 @@ def test_protocol_maps_to_trainer_arguments():
                                           "val_check_interval": 100}
     assert len(callbacks) == 1 and isinstance(callbacks[0], EarlyStopping)
     assert callbacks[0].monitor == "val/acc" and callbacks[0].patience == 3 and callbacks[0].mode == "max"
-    assert Protocol(15, None, 3, None, 0).planned_steps(8) == 120 and Protocol(15, 700, 3, None, 0).planned_steps(8) == 700
+    assert Protocol(15, None, 3, None, 0).planned_steps(8) == 120
+    assert Protocol(15, 700, 3, None, 0).planned_steps(8) == 700
 
 
 @pytest.mark.parametrize("name, seed, group", [

@@ -4,9 +4,10 @@ skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns ev
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
 ``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
-with ``pipeline.student_seeds``); they all train the same number of optimizer steps (``pipeline.equal_student_steps``). ``pipeline.reuse`` names
-another run folder: a step it finished with the same config and inputs is copied from there instead of rerun (the
-rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run folder is).
+with ``pipeline.student_seeds``); they all train the same number of optimizer steps (``pipeline.equal_student_steps``).
+``pipeline.reuse`` names another run folder: a step it finished with the same config and inputs is copied from there
+instead of rerun (the rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run
+folder is).
 """
 from __future__ import annotations
 
