@@ -140,7 +140,28 @@ def students_markdown(groups: Sequence[StudentGroup]) -> list[str]:
                      + " | ".join(mean_std(g.values(k)) for k in STUDENT_COLUMNS)
                      + f" | {_range([p.steps for p in ps])} | {_range([p.epochs for p in ps])} |")
     labelled = [(f"{g.name}" + (f" (seed {p.seed})" if len(g.runs) > 1 else ""), p) for g in groups for _, p in g.runs]
-    return lines + [""] + protocol_lines(labelled, [len(g.runs) for g in groups]) + [""]
+    return lines + [""] + differences(groups) + protocol_lines(labelled, [len(g.runs) for g in groups]) + [""]
+
+
+def differences(groups: Sequence[StudentGroup]) -> list[str]:
+    """Each student's mean test accuracy minus the real-only student's, with both seed spreads beside it."""
+    base = next((g for g in groups if g.mode == "real_only" and g.values("test/acc")), None)
+    if base is None:
+        return []
+    ref = base.values("test/acc")
+
+    def spread(values: list[float]) -> str:
+        return f"± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else "one run"
+
+    lines = []
+    for g in groups:
+        accs = g.values("test/acc")
+        if g is base or not accs:
+            continue
+        delta = 100 * (statistics.fmean(accs) - statistics.fmean(ref))
+        lines.append(f"- {g.name} − {base.name}: {delta:+.1f} points of test accuracy (means over n = {len(accs)} "
+                     f"and {len(ref)} runs; seed spread {spread(accs)} and {spread(ref)} points).")
+    return lines + [""] if lines else []
 
 
 def protocol_lines(runs: Sequence[tuple[str, RunProtocol]], counts: Sequence[int], unit: str = "student"

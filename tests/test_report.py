@@ -295,6 +295,8 @@ def test_seeded_students_are_averaged_with_their_protocol(tmp_path):
             "(student.max_steps); no early stopping; the checkpoint with the best real val/acc is tested; seeds 0, 1, "
             "2 (n = 3 per student).") in text
     assert "did NOT" not in text
+    assert ("- student_mix − student: +6.0 points of test accuracy (means over n = 3 and 3 runs; seed spread ± 3.0 "
+            "and ± 2.0 points).") in text
     # the per-run table lists seeds in order, each student's seeds together
     stages = [r.split(" | ")[0][2:] for r in _table_rows(text, "## FER classifiers")[1:7]]
     assert stages == ["student_seed0", "student_seed1", "student_seed2", "student_mix_seed0", "student_mix_seed1",
