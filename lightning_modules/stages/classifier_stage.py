@@ -2,6 +2,7 @@
 features) on the configured data, test on real data; outputs go to `<run_dir>/<role>.name/` (default `<role>/`)."""
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -231,7 +232,8 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
                    "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
                    "resumed_from": str(resume or ""),
                    "data": datamodule.summary(), "world_size": trainer.world_size,
-                   **protocol_metrics(trainer, datamodule, protocol, name, accumulate)}
+                   **protocol_metrics(trainer, datamodule, protocol, accumulate),
+                   **({"student_group": student_group(name, protocol.seed)} if role == "student" else {})}
         runtime.write_metrics(out_dir, metrics)
         runtime.mark_done(out_dir, digest)
     return metrics
@@ -241,19 +243,20 @@ def _accumulate(cfg: DictConfig) -> int:
     return int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=None) or 1)
 
 
-def protocol_metrics(trainer: L.Trainer, datamodule, protocol, name: str, accumulate: int) -> dict:
+def protocol_metrics(trainer: L.Trainer, datamodule, protocol, accumulate: int) -> dict:
     """What the report needs to show that students trained alike: optimizer steps taken (per rank), the passes
     over the train set they amount to, the train set size (real + synthetic), the budget, early stopping, seed."""
     steps = int(trainer.global_step)
-    per_epoch = optimizer_steps_per_epoch(int(trainer.num_training_batches), accumulate)
+    batches = trainer.num_training_batches  # inf when no epoch was set up
+    per_epoch = optimizer_steps_per_epoch(int(batches), accumulate) if math.isfinite(batches) else 0
     train_set = getattr(datamodule, "train_dataset", None)
     size = len(train_set) if train_set is not None else datamodule.summary().get("train_size")
     return {"optimizer_steps": steps, "epochs": round(steps / per_epoch, 2) if per_epoch else None,
             "train_batches_per_epoch": trainer.num_training_batches, "train_set_size": size,
             "max_steps": protocol.max_steps, "max_epochs": protocol.max_epochs,
             "early_stopping_patience": protocol.patience, "val_every_n_steps": protocol.val_every_n_steps,
-            "stopped_early": bool(protocol.patience) and steps < protocol.planned_steps(per_epoch),
-            "seed": protocol.seed, "student_group": student_group(name, protocol.seed)}
+            "stopped_early": bool(protocol.patience) and 0 < steps < protocol.planned_steps(per_epoch),
+            "seed": protocol.seed}
 
 
 def steps_per_epoch(cfg: DictConfig) -> int:
