@@ -103,7 +103,7 @@ def classifier_notes(rows: dict[str, dict]) -> list[str]:
     trained more optimizer steps than the real-only one. ``rows``: stage -> metrics merged with ``protocol_of``."""
     lines = ["What this table shows:", "",
              "- **One seed per row** (each row is one training run). Seed-to-seed variation comes on top of the "
-             "test-set noise below; the students table averages a student's seeds (mean ± std, n)."]
+             "test-set noise below; the students table averages each student's seeds (pipeline.student_seeds)."]
     measured = [(m["test/acc"], int(m["data/test_size"])) for m in rows.values()
                 if m.get("test/acc") is not None and m.get("data/test_size")]
     if measured:
