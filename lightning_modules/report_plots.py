@@ -10,6 +10,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from lightning_modules.report_students import RunProtocol, mean_std, protocol_lines, select
+
 # Mix modes in table order; concat and ratio both train on real + synthetic faces.
 MODE_LABELS = {"real_only": "real only", "synthetic_only": "synthetic only", "concat": "real + synthetic (concat)",
                "ratio": "real + synthetic (ratio)"}
@@ -17,16 +19,6 @@ MODE_LABELS = {"real_only": "real only", "synthetic_only": "synthetic only", "co
 SWITCHES = {"AU adapter": ("generator.model.au_adapter",),
             "SG λ": ("synthesis.guidance.embedding_scale", "generator.guidance.embedding_scale"),
             "relabel": ("relabel.enabled",)}
-
-
-def select(config: dict, dotted: str) -> Any:
-    """``config["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def natural_key(text: str) -> list:
@@ -64,6 +56,12 @@ class StudentRecord:
     macro_f1: Optional[float] = None
     experiment: Optional[str] = None
     switches: dict[str, Any] = field(default_factory=dict)
+    protocol: RunProtocol = field(default_factory=RunProtocol)
+
+    @property
+    def group(self) -> str:
+        """The student this run is a seed of (``student_mix_seed1`` -> ``student_mix``)."""
+        return self.protocol.group or self.stage
 
 
 @dataclass
@@ -94,20 +92,7 @@ def is_ablation(jobs: Sequence[JobResult]) -> bool:
     return len({j.experiment for j in jobs if j.experiment}) >= 2
 
 
-# ------------------------------------------------------------------------------------------------ protocol
-PROTOCOL_COLUMNS = ("seeds", "epochs", "optimizer steps", "batch size")
-
-
-def protocol_of(metrics: dict, config: Optional[dict]) -> dict[str, Any]:
-    """How one classifier run was trained: one seed (a stage folder is one run), epochs, optimizer steps per rank
-    (epochs x train batches per epoch, x 1/accumulate_grad_batches) and batch size; None where unknown."""
-    config = config or {}
-    epochs, per_epoch = metrics.get("epochs"), metrics.get("train_batches_per_epoch")
-    accumulate = select(config, "trainer.accumulate_grad_batches") or 1
-    steps = int(epochs) * int(per_epoch) // int(accumulate) if epochs is not None and per_epoch is not None else None
-    return {"seeds": 1, "epochs": epochs, "optimizer steps": steps, "batch size": select(config, "data.batch_size")}
-
-
+# ------------------------------------------------------------------------------------------------ noise
 def binomial_se(acc: float, n: int) -> float:
     """Standard error of an accuracy measured on ``n`` independent test faces."""
     return (acc * (1 - acc) / n) ** 0.5
@@ -117,8 +102,8 @@ def classifier_notes(rows: dict[str, dict]) -> list[str]:
     """What the classifier table can and cannot show: seeds per row, the test-set noise floor, and students that
     trained more optimizer steps than the real-only one. ``rows``: stage -> metrics merged with ``protocol_of``."""
     lines = ["What this table shows:", "",
-             "- **One seed per row** (each row is one training run). Seed-to-seed variation is not measured here and "
-             "comes on top of the test-set noise below, so one seed cannot separate differences of a few points."]
+             "- **One seed per row** (each row is one training run). Seed-to-seed variation comes on top of the "
+             "test-set noise below; the students table averages each student's seeds (pipeline.student_seeds)."]
     measured = [(m["test/acc"], int(m["data/test_size"])) for m in rows.values()
                 if m.get("test/acc") is not None and m.get("data/test_size")]
     if measured:
@@ -145,10 +130,16 @@ def classifier_notes(rows: dict[str, dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ scaling
 @dataclass
 class ScalingTable:
-    """Mean test accuracy per (experiment, mode) row and synthetic scale; ``baseline`` = the real-only student."""
-    rows: dict[tuple[Optional[str], str], dict[float, list[float]]]
-    baseline: Optional[float]
+    """Test accuracies per (experiment, mode) row and synthetic scale (one per run: seeds and repeated points);
+    ``baseline_runs`` = the real-only students (scale 0)."""
+    rows: dict[tuple[Optional[str], str], dict[float, list[StudentRecord]]]
+    baseline_runs: list[StudentRecord]
     multi_experiment: bool
+
+    @property
+    def baseline(self) -> Optional[float]:
+        accs = [r.acc for r in self.baseline_runs]
+        return statistics.fmean(accs) if accs else None
 
     @property
     def scales(self) -> list[float]:
@@ -163,43 +154,53 @@ class ScalingTable:
         name = MODE_LABELS.get(mode, mode)
         return f"{experiment}: {name}" if self.multi_experiment else name
 
+    def runs(self) -> list[tuple[str, RunProtocol]]:
+        """(label, protocol) of every run in the table, for its protocol line."""
+        out = [(f"{MODE_LABELS['real_only']} ({r.job}/{r.stage})", r.protocol) for r in self.baseline_runs]
+        for key, cells in self.rows.items():
+            out += [(f"{self.label(key)} ×{fmt_scale(s)} ({r.job}/{r.stage})", r.protocol)
+                    for s, runs in cells.items() for r in runs]
+        return out
 
-def scaling_table(records: Sequence[StudentRecord], baseline: Optional[float] = None) -> ScalingTable:
-    """Students trained with synthetic faces, grouped by mode and ``mix.scale`` (repeated points are averaged).
-    ``baseline`` None: the mean of the real-only students among ``records`` (None if there are none)."""
+
+def scaling_table(records: Sequence[StudentRecord], baseline: Optional[Sequence[StudentRecord]] = None
+                  ) -> ScalingTable:
+    """Students trained with synthetic faces, grouped by mode and ``mix.scale`` (seeds and repeated points of one
+    cell are averaged). ``baseline`` None: the real-only students among ``records``."""
     synthetic = [r for r in records if r.mode not in (None, "real_only") and r.scale is not None and r.acc is not None]
     if baseline is None:
-        real = [r.acc for r in records if r.mode == "real_only" and r.acc is not None]
-        baseline = statistics.fmean(real) if real else None
+        baseline = [r for r in records if r.mode == "real_only" and r.acc is not None]
     multi = len({r.experiment for r in synthetic}) > 1
     order = list(MODE_LABELS)
     keyed = sorted(synthetic, key=lambda r: (str(r.experiment) if multi else "",
                                              order.index(r.mode) if r.mode in order else len(order), str(r.mode)))
-    rows: dict[tuple[Optional[str], str], dict[float, list[float]]] = {}
+    rows: dict[tuple[Optional[str], str], dict[float, list[StudentRecord]]] = {}
     for r in keyed:
-        rows.setdefault((r.experiment if multi else None, r.mode), {}).setdefault(float(r.scale), []).append(r.acc)
-    return ScalingTable({k: dict(sorted(v.items())) for k, v in rows.items()}, baseline, multi)
+        rows.setdefault((r.experiment if multi else None, r.mode), {}).setdefault(float(r.scale), []).append(r)
+    return ScalingTable({k: dict(sorted(v.items())) for k, v in rows.items()}, list(baseline), multi)
 
 
-def _mean_cell(values: Optional[list[float]]) -> str:
-    if not values:
-        return "–"
-    return fmt(statistics.fmean(values)) + (f" (n={len(values)})" if len(values) > 1 else "")
+def _mean_cell(runs: Optional[Sequence[StudentRecord]]) -> str:
+    """Mean test accuracy, ± sample std and n when the cell holds several runs (seeds)."""
+    accs = [r.acc for r in runs or () if r.acc is not None]
+    return mean_std(accs, show_n=len(accs) > 1)
 
 
 def scaling_markdown(table: ScalingTable, image: Optional[str] = "scaling.png") -> list[str]:
     """Rows = mix modes (and the real-only baseline), columns = synthetic scale (× real train size), cells = mean
-    test accuracy on real data."""
+    test accuracy on real data (± std over seeds, n); then the students' protocol line."""
     scales = table.scales
     lines = ["## Scaling (student test accuracy on real data vs synthetic set size, × the real train set)", "",
              "| mode \\ scale | 0 | " + " | ".join(fmt_scale(s) for s in scales) + " |",
              "|---" * (len(scales) + 2) + "|"]
-    if table.baseline is not None:
-        lines.append(f"| {MODE_LABELS['real_only']} | {fmt(table.baseline)} | " + " | ".join("–" for _ in scales)
-                     + " |")
+    if table.baseline_runs:
+        lines.append(f"| {MODE_LABELS['real_only']} | {_mean_cell(table.baseline_runs)} | "
+                     + " | ".join("–" for _ in scales) + " |")
     for key, cells in table.rows.items():
         lines.append(f"| {table.label(key)} | – | " + " | ".join(_mean_cell(cells.get(s)) for s in scales) + " |")
-    lines.append("")
+    counts = [len(table.baseline_runs)] * bool(table.baseline_runs) + [len(c) for cells in table.rows.values()
+                                                                        for c in cells.values()]
+    lines += ["", *protocol_lines(table.runs(), counts, "cell"), ""]
     if image:
         lines += [f"![scaling]({image})", ""]
     return lines
@@ -210,7 +211,7 @@ def scaling_metrics(table: ScalingTable) -> dict[str, float]:
     out = {} if table.baseline is None else {"scaling/real_only/0": table.baseline}
     for (experiment, mode), cells in table.rows.items():
         prefix = f"scaling/{experiment}/{mode}" if table.multi_experiment else f"scaling/{mode}"
-        out.update({f"{prefix}/{fmt_scale(s)}": statistics.fmean(v) for s, v in cells.items()})
+        out.update({f"{prefix}/{fmt_scale(s)}": statistics.fmean(r.acc for r in v) for s, v in cells.items()})
     return out
 
 
@@ -237,7 +238,10 @@ def plot_scaling(table: ScalingTable, path: str | Path) -> Path:
     ax = fig.add_subplot()
     for key, cells in table.rows.items():
         scales = list(cells)
-        ax.plot(scales, [statistics.fmean(cells[s]) for s in scales], marker="o", label=table.label(key))
+        accs = [[r.acc for r in cells[s]] for s in scales]
+        ax.errorbar(scales, [statistics.fmean(a) for a in accs], yerr=[statistics.stdev(a) if len(a) > 1 else 0
+                                                                        for a in accs],
+                    marker="o", capsize=3, label=table.label(key))
     if table.baseline is not None:
         ax.axhline(table.baseline, color="gray", linestyle="--", label=f"real only ({table.baseline:.3f})")
     ax.set_xlabel("synthetic faces (× real train set)")
@@ -251,16 +255,26 @@ def plot_scaling(table: ScalingTable, path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------ ablation
 @dataclass
 class AblationRow:
-    """One ablation job: its switches, each student's test accuracy, the generator's FER-Acc and how often the
-    relabel vote agrees with the synthesis condition (what synthesis SG moves, when the generator is shared)."""
+    """One ablation job: its switches, each student's test accuracies (one per seed), the generator's FER-Acc and how
+    often the relabel vote agrees with the synthesis condition (what synthesis SG moves, when the generator is
+    shared)."""
     name: str
     job: str
     switches: dict[str, Any]
-    students: dict[str, Optional[float]]
+    runs: dict[str, list[StudentRecord]]  # student (its seeds grouped) -> runs
     mixed: Optional[str]               # the student the bar chart shows (trained with synthetic faces if any)
     generator_fer_acc: Optional[float]
-    real_only: list[float] = field(default_factory=list)  # test accuracies of its real-only students
     vote_agreement: Optional[float] = None
+
+    @property
+    def students(self) -> dict[str, Optional[float]]:
+        """Student -> mean test accuracy over its seeds."""
+        return {s: statistics.fmean(r.acc for r in runs) if runs else None for s, runs in self.runs.items()}
+
+    @property
+    def real_only(self) -> list[float]:
+        """Test accuracies of its real-only students (every seed)."""
+        return [r.acc for runs in self.runs.values() for r in runs if r.mode == "real_only"]
 
 
 def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
@@ -271,21 +285,22 @@ def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
         switches = switches_of(job.config)
         if "relabel" not in switches and "relabel" in job.metrics:
             switches["relabel"] = True
-        students = {s.stage: s.acc for s in job.students}
-        mixed = next((s.stage for s in job.students if s.mode not in (None, "real_only") and s.acc is not None),
-                     next((s.stage for s in job.students if s.acc is not None), None))
-        real = [s.acc for s in job.students if s.mode == "real_only" and s.acc is not None]
+        runs: dict[str, list[StudentRecord]] = {}
+        for s in job.students:
+            if s.acc is not None:
+                runs.setdefault(s.group, []).append(s)
+        mixed = next((g for g, rs in runs.items() if rs[0].mode not in (None, "real_only")), next(iter(runs), None))
         rows.append(AblationRow(name if names.count(name) == 1 else f"{name} ({job.name})", job.name, switches,
-                                students, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"), real,
+                                runs, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"),
                                 job.metrics.get("relabel", {}).get("data_card/agreement_with_condition_all")))
     return rows
 
 
 def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablation.png") -> list[str]:
-    """Columns: the switches, every student's test accuracy, the generator's FER-Acc, the vote/condition agreement
-    (the last two only when some row has them)."""
+    """Columns: the switches, every student's test accuracy (mean ± std over seeds, n), the generator's FER-Acc, the
+    vote/condition agreement (the last two only when some row has them); then the students' protocol line."""
     switches = [t for t in SWITCHES if any(t in r.switches for r in rows)]
-    students = list(dict.fromkeys(s for r in rows for s in r.students))
+    students = list(dict.fromkeys(s for r in rows for s in r.runs))
     fer = any(r.generator_fer_acc is not None for r in rows)
     vote = any(r.vote_agreement is not None for r in rows)
     columns = ["experiment", "job", *switches, *[f"{s} acc" for s in students], *(["generator FER-Acc"] if fer else []),
@@ -294,17 +309,18 @@ def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablat
              "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         cells = [r.name, r.job, *[fmt_switch(r.switches.get(t)) for t in switches],
-                 *[fmt(r.students.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else []),
+                 *[_mean_cell(r.runs.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else []),
                  *([fmt(r.vote_agreement)] if vote else [])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    runs = [(f"{r.name}/{s.stage}", s.protocol) for r in rows for group in r.runs.values() for s in group]
+    lines += ["", *protocol_lines(runs, [len(g) for r in rows for g in r.runs.values()], "cell"), ""]
     if image:
         lines += [f"![ablation]({image})", ""]
     return lines
 
 
 def ablation_metrics(rows: Sequence[AblationRow]) -> dict[str, Any]:
-    """Flat ``ablation/<row>/<student>`` -> test accuracy, ``ablation/<row>/generator/fer_acc`` and
+    """Flat ``ablation/<row>/<student>`` -> mean test accuracy over seeds, ``ablation/<row>/generator/fer_acc`` and
     ``ablation/<row>/relabel/agreement_with_condition``."""
     out: dict[str, Any] = {}
     for r in rows:
@@ -317,12 +333,14 @@ def ablation_metrics(rows: Sequence[AblationRow]) -> dict[str, Any]:
 
 
 def plot_ablation(rows: Sequence[AblationRow], path: str | Path) -> Path:
-    """Bar per row: the mixed student's test accuracy (else any student's); the real-only students' mean dashed."""
+    """Bar per row: the mixed student's mean test accuracy (± std over seeds; else any student's); the real-only
+    students' mean dashed."""
     shown = [r for r in rows if r.mixed is not None]
     fig = _figure(max(4.0, 1.3 * len(shown) + 1), 4)
     ax = fig.add_subplot()
     values = [r.students[r.mixed] for r in shown]
-    bars = ax.bar(range(len(shown)), values, color="tab:blue")
+    spread = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in ([x.acc for x in r.runs[r.mixed]] for r in shown)]
+    bars = ax.bar(range(len(shown)), values, yerr=spread, capsize=3, color="tab:blue")
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(shown)), [f"{r.name}\n({r.mixed})" for r in shown], rotation=20, ha="right", fontsize=8)
@@ -331,7 +349,7 @@ def plot_ablation(rows: Sequence[AblationRow], path: str | Path) -> Path:
         ax.axhline(statistics.fmean(real), color="gray", linestyle="--", label="real-only students (mean)")
         ax.legend(fontsize=8)
     ax.set_ylabel("test accuracy (real test set)")
-    ax.set_ylim(0, min(1.0, max(values + real + [0.0]) * 1.15 + 0.02))
+    ax.set_ylim(0, min(1.0, max([v + e for v, e in zip(values, spread)] + real + [0.0]) * 1.15 + 0.02))
     return _save(fig, path)
 
 

@@ -110,7 +110,8 @@ def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
     run_report(_cfg(tmp_path / "run", sweep, baseline=str(tmp_path / "base" / "student" / "metrics.json")))
     text = (tmp_path / "run" / "report" / "results.md").read_text()
     assert "| real only | 0.5000 | – | – |" in text
-    # pure: repeated points are averaged (n shown); two experiments get their own rows; real-only = fallback baseline
+    # pure: repeated points are averaged (± sample std, n); two experiments get their own rows; real-only = fallback
+    # baseline
     records = [StudentRecord("a", "student", "concat", 1.0, 0.6, experiment="x"),
                StudentRecord("b", "student", "concat", 1.0, 0.8, experiment="x"),
                StudentRecord("c", "student", "real_only", 0.0, 0.3, experiment="x"),
@@ -118,7 +119,7 @@ def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
     table = scaling_table(records)
     assert table.baseline == 0.3 and table.scales == [1.0, 2.0]
     lines = scaling_markdown(table, image=None)
-    assert "| x: real + synthetic (concat) | – | 0.7000 (n=2) | – |" in lines
+    assert "| x: real + synthetic (concat) | – | 0.7000 ± 0.1414 (n=2) | – |" in lines
     assert "| y: real + synthetic (ratio) | – | – | 0.5000 |" in lines
 
 
@@ -259,3 +260,102 @@ def test_no_note_no_banner_and_bad_note_is_a_config_error(tmp_path):
     assert ">" not in text.split("## FER classifiers", 1)[0] and "Test-set noise" not in text
     with pytest.raises(ConfigError, match="report.note"):
         run_report(_cfg(run, note=["not", "a", "string"]))
+
+
+# ------------------------------------------------------------------ fair comparisons: seeds, protocol, equal steps
+def _student(run, stage, acc, mode, steps, seed=None, group=None, patience=None, max_steps=None, stopped=False,
+             size=1000, scale=1.0, experiment="t"):
+    """A student stage folder as stage=student writes it now: the protocol keys in metrics.json."""
+    _write(run, stage, {"test/acc": acc, "test/mean_class_acc": acc - 0.05, "data/mix/mode": mode,
+                        "data/mix/scale": 0.0 if mode == "real_only" else scale, "optimizer_steps": steps,
+                        "epochs": round(steps / 16, 2), "train_batches_per_epoch": 16, "train_set_size": size,
+                        "max_steps": max_steps, "early_stopping_patience": patience, "stopped_early": stopped,
+                        "seed": seed, "student_group": group or stage, "data/test_size": 1000})
+    (run / stage / "config.yaml").write_text(yaml.safe_dump({"experiment_name": experiment, "data": {"batch_size": 64},
+                                                             "mix": {"mode": mode}, "student": {"name": stage}}))
+
+
+def test_seeded_students_are_averaged_with_their_protocol(tmp_path):
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "run"
+    real, mixed = [0.50, 0.54, 0.52], [0.55, 0.61, 0.58]
+    for seed, (a, b) in enumerate(zip(real, mixed)):
+        _student(run, f"student_seed{seed}", a, "real_only", 720, seed, "student", max_steps=720, size=500)
+        _student(run, f"student_mix_seed{seed}", b, "concat", 720, seed, "student_mix", max_steps=720, size=3000)
+    run_report(_cfg(run))
+    text = (run / "report" / "results.md").read_text()
+    assert _table_rows(text, "## Students") == [
+        "| student | mix | train set | seeds | test/acc | test/mean_class_acc | test/macro_f1 | optimizer steps "
+        "| epochs |",
+        "| student | real_only | 500 | 0, 1, 2 | 0.5200 ± 0.0200 (n=3) | 0.4700 ± 0.0200 (n=3) | – | 720 | 45 |",
+        "| student_mix | concat ×1 | 3000 | 0, 1, 2 | 0.5800 ± 0.0300 (n=3) | 0.5300 ± 0.0300 (n=3) | – | 720 "
+        "| 45 |"]
+    assert ("Protocol: every student 720 optimizer steps, batch size 64 (equal steps); step budget "
+            "(student.max_steps); no early stopping; the checkpoint with the best real val/acc is tested; seeds 0, 1, "
+            "2 (n = 3 per student).") in text
+    assert "did NOT" not in text
+    assert ("- student_mix − student: +6.0 points of test accuracy (means over n = 3 and 3 runs; seed spread ± 3.0 "
+            "and ± 2.0 points).") in text
+    # the per-run table lists seeds in order, each student's seeds together
+    stages = [r.split(" | ")[0][2:] for r in _table_rows(text, "## FER classifiers")[1:7]]
+    assert stages == ["student_seed0", "student_seed1", "student_seed2", "student_mix_seed0", "student_mix_seed1",
+                      "student_mix_seed2"]
+
+
+@pytest.mark.parametrize("mixed_steps, patience, stopped_at, equal", [
+    (720, None, None, True),
+    (4320, None, None, False),        # 15 epochs each over 500 and 3,000 faces: 6x the steps
+    (720, 5, 400, True),              # early stopping ends runs sooner: their budgets are what must match
+])
+def test_protocol_line_and_unequal_steps_warning_single_seed(tmp_path, mixed_steps, patience, stopped_at, equal):
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "run"
+    _student(run, "student", 0.59, "real_only", stopped_at or 720, 0, patience=patience, max_steps=720,
+             stopped=stopped_at is not None, size=500)
+    _student(run, "student_mix", 0.55, "concat", mixed_steps, 0, patience=patience, max_steps=mixed_steps,
+             size=3000)
+    run_report(_cfg(run))
+    text = (run / "report" / "results.md").read_text()
+    assert "seed 0 (n = 1 per student); one run each: seed-to-seed variation not measured." in text
+    warning = ("**Warning: the students of this table did NOT get equal optimizer steps** (student: 720, "
+               f"student_mix: {mixed_steps})")
+    assert (warning not in text) if equal else (warning in text)
+    if patience:
+        assert "early stopping on the real val/acc (patience 5 validations; 1 of 2 runs stopped before their budget)" \
+            in text and "every student 720 optimizer steps" in text
+    else:
+        assert "no early stopping" in text
+
+
+def test_scaling_and_ablation_tables_average_seeds(tmp_path):
+    from lightning_modules.stages.report import run_report
+
+    run = tmp_path / "toy"
+    for seed, acc in enumerate([0.50, 0.52, 0.54]):
+        _student(run, f"student_seed{seed}", acc, "real_only", 300, seed, "student", max_steps=300)
+    jobs = [(1.0, 0, 0.58), (2.0, 0, 0.60), (2.0, 1, 0.64), (2.0, 2, 0.62)]   # sweep: student.seed=0,1,2 at 2x
+    for num, (scale, seed, acc) in enumerate(jobs):
+        _student(run / "multirun" / "d" / str(num), "student", acc, "concat", 300, seed, scale=scale, max_steps=300)
+    run_report(_cfg(run, run / "multirun"))
+    text = (run / "report" / "results.md").read_text()
+    assert _table_rows(text, "## Scaling")[1:] == [
+        "| real only | 0.5200 ± 0.0200 (n=3) | – | – |",
+        "| real + synthetic (concat) | – | 0.5800 | 0.6200 ± 0.0200 (n=3) |"]
+    scaling = text.split("## Scaling", 1)[1]
+    assert "Protocol: every student 300 optimizer steps, batch size 64 (equal steps)" in scaling
+    assert "seeds 0, 1, 2 (n = 1–3 per cell)" in scaling
+    merged = json.loads((run / "report" / "metrics.json").read_text())
+    assert merged["scaling/real_only/0"] == pytest.approx(0.52) and merged["scaling/concat/2"] == pytest.approx(0.62)
+
+    sweep = tmp_path / "ablation"
+    for num, (experiment, accs, steps) in enumerate([("toy", (0.6, 0.7), 300), ("toy_no_sg", (0.62, 0.66), 600)]):
+        for seed, acc in enumerate(accs):
+            _student(sweep / str(num), f"student_mix_seed{seed}", acc, "concat", steps, seed, "student_mix",
+                     max_steps=steps, experiment=experiment)
+    run_report(_cfg(tmp_path / "run", sweep))
+    text = (tmp_path / "run" / "report" / "results.md").read_text()
+    assert _table_rows(text, "## Ablation")[1:] == ["| toy | 0 | 0.6500 ± 0.0707 (n=2) |",
+                                                   "| toy_no_sg | 1 | 0.6400 ± 0.0283 (n=2) |"]
+    assert "did NOT get equal optimizer steps** (toy/student_mix_seed0: 300" in text.split("## Ablation", 1)[1]

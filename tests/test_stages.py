@@ -100,10 +100,12 @@ def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     # ...and a changed student config reruns only the students
     third = train.run_stage(tiny_cfg(*PIPELINE, "student.model.lr=0.01"))
     assert [s for s in STEPS if third[s] == "ran"] == ["student", "student_mix"]
-    # ...and other synthetic faces rerun what reads them (relabel, the mixed student), not the real-only student
+    # ...and other synthetic faces rerun what reads them (relabel, the mixed student) and the real-only student:
+    # the largest train set sets every student's optimizer-step budget (96 + 96 faces: 6 steps, 96 + 48: 5)
     fourth = train.run_stage(tiny_cfg(*PIPELINE, "student.model.lr=0.01", "synthesis.plan.scale=0.5",
                                       "synthesis.overwrite=true", "mix.scale=0.5"))
-    assert [s for s in STEPS if fourth[s] == "ran"] == ["synthesize", "relabel", "student_mix"]
+    assert [s for s in STEPS if fourth[s] == "ran"] == ["synthesize", "relabel", "student", "student_mix"]
+    assert [json.loads((run / s / "metrics.json").read_text())["optimizer_steps"] for s in STEPS[-2:]] == [5, 5]
 
 
 def test_pipeline_config_errors(tiny_cfg):

@@ -2,6 +2,7 @@
 features) on the configured data, test on real data; outputs go to `<run_dir>/<role>.name/` (default `<role>/`)."""
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import time
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.errors import DataError
 from lightning_modules import runtime
 from lightning_modules.runtime import require
+from lightning_modules.student import optimizer_steps_per_epoch, read_protocol, student_group
 
 # Config subtrees a classifier stage depends on: a change in any of them invalidates its outputs.
 HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
@@ -65,7 +67,7 @@ def check_classifier_config(cfg: DictConfig, role: str) -> None:
             f"must be in [0, 1), got {model.label_smoothing}")
     require(0 <= model.warmup_fraction < 1, f"{role}.model.warmup_fraction",
             f"must be in [0, 1), got {model.warmup_fraction}")
-    require(int(cfg[role].max_epochs) >= 1, f"{role}.max_epochs", f"must be >= 1, got {cfg[role].max_epochs}")
+    read_protocol(cfg, role)  # max_epochs, max_steps, early stopping, validation interval, seed
     if role == "student":
         check_mix_config(cfg)
 
@@ -192,15 +194,19 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     else:
         datamodule = build_datamodule(cfg)
         datamodule.setup("fit")  # every split: a bad label file stops the run here
-    L.seed_everything(int(cfg.seed), workers=True)
+    protocol = read_protocol(cfg, role)
+    L.seed_everything(protocol.seed, workers=True)
     model = build_classifier(cfg, role, datamodule)
     out_dir = runtime.stage_dir(cfg, name)
     # the mixed datamodule deals its own per-rank samples (ratio batches would not survive Lightning's sampler)
     extra = {"use_distributed_sampler": False} if role == "student" else {}
-    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, int(cfg[role].max_epochs), **extra)
+    accumulate = _accumulate(cfg)
+    max_epochs, overrides, callbacks = protocol.trainer_args(accumulate)
+    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, max_epochs, extra_callbacks=callbacks,
+                                             **extra, **overrides)
     digest = done_digest(cfg, role)
-    # The digest keeps max_epochs: the one-cycle LR schedule spans the planned epochs, so a checkpoint of another
-    # length is not a point on this run's trajectory.
+    # The digest keeps max_epochs / max_steps: the one-cycle LR schedule spans the planned steps, so a checkpoint of
+    # another length is not a point on this run's trajectory.
     resume, why = runtime.resume_checkpoint(out_dir, digest, enabled=not cfg.get("force", False))
     if resume is not None and runtime.is_done(out_dir, digest):
         resume, why = None, "the earlier run with this config had finished; training again"
@@ -221,12 +227,45 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     if trainer.is_global_zero:
         if best:
             shutil.copyfile(best, out_dir / f"{name}.ckpt")
-        metrics = {**(test[0] if test else {}), "fit_seconds": fit_s, "epochs": trainer.current_epoch,
+        metrics = {**(test[0] if test else {}), "fit_seconds": fit_s,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
                    "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
                    "resumed_from": str(resume or ""),
                    "data": datamodule.summary(), "world_size": trainer.world_size,
-                   "train_batches_per_epoch": trainer.num_training_batches}
+                   **protocol_metrics(trainer, datamodule, protocol, accumulate),
+                   **({"student_group": student_group(name, protocol.seed)} if role == "student" else {})}
         runtime.write_metrics(out_dir, metrics)
         runtime.mark_done(out_dir, digest)
     return metrics
+
+
+def _accumulate(cfg: DictConfig) -> int:
+    return int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=None) or 1)
+
+
+def protocol_metrics(trainer: L.Trainer, datamodule, protocol, accumulate: int) -> dict:
+    """What the report needs to show that students trained alike: optimizer steps taken (per rank), the passes
+    over the train set they amount to, the train set size (real + synthetic), the budget, early stopping, seed."""
+    steps = int(trainer.global_step)
+    batches = trainer.num_training_batches  # inf when no epoch was set up
+    per_epoch = optimizer_steps_per_epoch(int(batches), accumulate) if math.isfinite(batches) else 0
+    train_set = getattr(datamodule, "train_dataset", None)
+    size = len(train_set) if train_set is not None else datamodule.summary().get("train_size")
+    return {"optimizer_steps": steps, "epochs": round(steps / per_epoch, 2) if per_epoch else None,
+            "train_batches_per_epoch": trainer.num_training_batches, "train_set_size": size,
+            "max_steps": protocol.max_steps, "max_epochs": protocol.max_epochs,
+            "early_stopping_patience": protocol.patience, "val_every_n_steps": protocol.val_every_n_steps,
+            "stopped_early": bool(protocol.patience) and 0 < steps < protocol.planned_steps(per_epoch),
+            "seed": protocol.seed}
+
+
+def steps_per_epoch(cfg: DictConfig) -> int:
+    """Optimizer steps in one epoch of this student's train set (per rank): reads the real and synthetic data."""
+    datamodule = build_student_datamodule(cfg)
+    batches = len(datamodule.train_dataloader())
+    limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    return optimizer_steps_per_epoch(batches, _accumulate(cfg))

@@ -3,9 +3,11 @@ folder, handing artifacts over by path. A stage whose outputs exist for the same
 skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
-``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/``. ``pipeline.reuse`` names
-another run folder: a step it finished with the same config and inputs is copied from there instead of rerun (the
-rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run folder is).
+``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
+with ``pipeline.student_seeds``); they all train the same number of optimizer steps (``pipeline.equal_student_steps``).
+``pipeline.reuse`` names another run folder: a step it finished with the same config and inputs is copied from there
+instead of rerun (the rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run
+folder is).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,6 +23,7 @@ from lightning_modules import runtime
 from lightning_modules.runtime import require
 from lightning_modules.stages import classifier_stage, generator_stage, pseudolabel_stage, relabel_stage
 from lightning_modules.stages.report import run_report
+from lightning_modules.student import check_seeds, read_protocol, seed_suffix
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +45,69 @@ def feranno_config(cfg: DictConfig) -> DictConfig:
 
 
 def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
-    """One config per ``pipeline.students`` entry: ``student.name`` = the entry's name, ``mix`` merged over."""
+    """One config per ``pipeline.students`` entry and seed: ``student.name`` = the entry's name, ``mix`` merged
+    over. With two or more ``pipeline.student_seeds`` each entry runs once per seed k as ``<name>_seed<k>`` with
+    ``student.seed`` = k (the report averages them); null or one seed: one run named ``<name>``."""
     students = cfg.pipeline.students or {}
     require(len(students) > 0, "pipeline.students", "name at least one student run (e.g. student: {mode: real_only})")
+    seeds = check_seeds(OmegaConf.select(cfg, "pipeline.student_seeds", default=None), "pipeline.student_seeds")
     out = {}
     for name, mix in students.items():
-        one = cfg.copy()
-        with open_dict(one):
-            one.student.name = str(name)
-            one.mix = OmegaConf.merge(cfg.mix, mix or {})
-        out[str(name)] = one
+        for seed in seeds or [None]:
+            one = cfg.copy()
+            with open_dict(one):
+                one.mix = OmegaConf.merge(cfg.mix, mix or {})
+                one.student.name = str(name) + (seed_suffix(seed) if len(seeds or []) > 1 else "")
+                if seed is not None:
+                    one.student.seed = seed
+            out[str(one.student.name)] = one
     return out
+
+
+def _equal_steps(cfg: DictConfig) -> bool:
+    equal = OmegaConf.select(cfg, "pipeline.equal_student_steps", default=True)
+    require(isinstance(equal, bool), "pipeline.equal_student_steps", f"must be true or false, got {equal!r}")
+    return equal
+
+
+def equal_step_budget(students: dict[str, DictConfig]) -> Optional[int]:
+    """``pipeline.equal_student_steps`` (default true) with ``student.max_steps`` null: every student gets the
+    optimizer steps of the largest one's ``student.max_epochs`` epochs, so real + synthetic cannot win by training
+    longer. None: each student trains its own ``max_epochs`` (or the ``max_steps`` it was given)."""
+    given = any(one.student.get("max_steps") is not None for one in students.values())
+    if given or not _equal_steps(next(iter(students.values()))):
+        return None
+    sizes = {}
+    for name, one in students.items():  # seeds share a train set: count each distinct one once
+        key = OmegaConf.to_yaml(one.mix) + OmegaConf.to_yaml(one.data)
+        if key not in sizes:
+            sizes[key] = (name, int(one.student.max_epochs) * classifier_stage.steps_per_epoch(one))
+    name, budget = max(sizes.values(), key=lambda item: item[1])
+    log.info("pipeline: every student trains %d optimizer steps (student.max_epochs of %s, the largest train set)",
+             budget, name)
+    return budget
+
+
+def _students(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
+    """The students step: one step per student run; the shared step budget is computed (it reads every student's
+    train data) when the first of them is due, after the steps that make the synthetic sets."""
+    students = student_configs(cfg)
+    for one in students.values():  # a bad student mix stops the pipeline before its first step
+        classifier_stage.check_mix_config(one)
+        read_protocol(one, "student")
+    _equal_steps(cfg)
+    budget: dict[str, Optional[int]] = {}
+
+    def step(name: str) -> Step:
+        if not budget:
+            budget["steps"] = equal_step_budget(students)
+        one = students[name]
+        if budget["steps"] is not None:
+            with open_dict(one):
+                one.student.max_steps = budget["steps"]
+        return _classifier(one, "student")
+
+    return [(name, lambda name=name: step(name)) for name in students]
 
 
 Step = tuple[Path, str, Callable[[], dict], DictConfig]  # output folder, done digest, runner, the step's config
@@ -92,11 +147,7 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     if "pseudolabel" in wanted:  # the self-training baseline's set
         steps.append(("pseudolabel", lambda: pseudolabel_stage.step(cfg)))
     if "students" in wanted:
-        students = student_configs(cfg)
-        for one in students.values():  # a bad student mix stops the pipeline before its first step
-            classifier_stage.check_mix_config(one)
-        for name, one in students.items():
-            steps.append((name, lambda one=one: _classifier(one, "student")))
+        steps += _students(cfg)
     return steps
 
 

@@ -16,11 +16,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules import runtime
-from lightning_modules.report_plots import (PROTOCOL_COLUMNS, JobResult, StudentRecord, ablation_markdown,
-                                            ablation_metrics, ablation_rows, classifier_notes, fmt, is_ablation,
-                                            natural_key, plot_ablation, plot_scaling, protocol_of,
-                                            save_synthetic_samples, scaling_markdown, scaling_metrics,
-                                            scaling_table, select, switches_of)
+from lightning_modules.report_plots import (JobResult, StudentRecord, ablation_markdown, ablation_metrics,
+                                            ablation_rows, classifier_notes, fmt, is_ablation, natural_key,
+                                            plot_ablation, plot_scaling, save_synthetic_samples, scaling_markdown,
+                                            scaling_metrics, scaling_table, switches_of)
+from lightning_modules.report_students import (PROTOCOL_COLUMNS, group_of, group_students, protocol_of, run_protocol,
+                                               select, students_markdown)
 
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
             "data/train_size")
@@ -38,8 +39,13 @@ STAGE_ORDER = ("teacher", "generator", "synthesize", "feranno", "relabel", "stud
 def collect_metrics(run_dir: Path) -> dict[str, dict]:
     """stage name -> its metrics.json, for every stage folder of ``run_dir`` (the report's own excluded)."""
     found = {}
-    paths = sorted(run_dir.glob("*/metrics.json"), key=lambda p: (
-        STAGE_ORDER.index(p.parent.name) if p.parent.name in STAGE_ORDER else len(STAGE_ORDER), p.parent.name))
+
+    def order(path: Path) -> tuple:  # a seeded student (student_seed1) sorts with its student
+        name = path.parent.name
+        base = group_of(name, None)
+        return (STAGE_ORDER.index(base) if base in STAGE_ORDER else len(STAGE_ORDER), base, natural_key(name))
+
+    paths = sorted(run_dir.glob("*/metrics.json"), key=order)
     for path in paths:
         if path.parent.name == "report":
             continue
@@ -75,7 +81,8 @@ def _student_record(job: str, stage: str, metrics: dict, config: Optional[dict])
     scale = metrics.get("data/mix/scale", select(config, "mix.scale"))
     scale = 0.0 if mode == "real_only" else (float(scale) if scale is not None else None)
     return StudentRecord(job, stage, mode, scale, metrics.get("test/acc"), metrics.get("test/mean_class_acc"),
-                         metrics.get("test/macro_f1"), config.get("experiment_name"), switches_of(config))
+                         metrics.get("test/macro_f1"), config.get("experiment_name"), switches_of(config),
+                         run_protocol(metrics, config, stage))
 
 
 def read_job(job_dir: Path, name: str, missing_config: Optional[list[Path]] = None) -> JobResult:
@@ -125,23 +132,26 @@ def collect_jobs(run_dir: Path, dirs: Sequence[Path]) -> tuple[JobResult, list[l
     return run_job, groups
 
 
-def baseline_accuracy(cfg: DictConfig, run_metrics: dict[str, dict]) -> Optional[float]:
-    """The real-only student's test accuracy: ``report.baseline`` (a metrics.json, its stage folder or a run folder),
-    else the run folder's ``student`` when it trained on real faces only, else None."""
+def baseline_runs(cfg: DictConfig, run_job: JobResult) -> Optional[list[StudentRecord]]:
+    """The real-only student(s) of the scaling table: ``report.baseline`` (a metrics.json, its stage folder or a run
+    folder), else the run folder's real-only students (every seed), else None (the table then takes the real-only
+    students it finds)."""
     given = OmegaConf.select(cfg, "report.baseline", default=None)
     if given is None:
-        student = run_metrics.get("student", {})
-        return student.get("test/acc") if student.get("data/mix/mode") in (None, "real_only") else None
+        real = [r for r in run_job.students if r.mode == "real_only" and r.acc is not None]
+        return real or None
     path = Path(str(given))
     if path.is_dir():
         path = next((p for p in (path / "metrics.json", path / "student" / "metrics.json") if p.is_file()), path)
     runtime.require(path.is_file(), "report.baseline", f"no metrics.json at {given}")
     try:
-        acc = json.loads(path.read_text()).get("test/acc")
+        metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"corrupt metrics file {path}: {err}") from err
-    runtime.require(acc is not None, "report.baseline", f"{path} has no test/acc")
-    return float(acc)
+    runtime.require(metrics.get("test/acc") is not None, "report.baseline", f"{path} has no test/acc")
+    config = read_config(path.parent)
+    return [StudentRecord("baseline", path.parent.name, "real_only", 0.0, float(metrics["test/acc"]),
+                          protocol=run_protocol(metrics, config, path.parent.name))]
 
 
 def _table(rows: dict[str, dict], columns: Sequence[str]) -> list[str]:
@@ -158,7 +168,8 @@ def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
     classifier table, ``samples`` (markdown lines) the data card; ``images`` are linked at the end. ``configs``
     (stage -> resolved config) give each classifier's protocol (batch size); ``note`` is a banner under the title."""
     generators = {s: m for s, m in metrics.items() if s == "generator"}
-    classifiers = {s: {**m, **protocol_of(m, (configs or {}).get(s))} for s, m in metrics.items() if "test/acc" in m}
+    protocols = {s: run_protocol(m, (configs or {}).get(s), s) for s, m in metrics.items() if "test/acc" in m}
+    classifiers = {s: {**m, **protocol_of(m, (configs or {}).get(s), s)} for s, m in metrics.items() if "test/acc" in m}
     lines = [f"# {title}", ""]
     if note:
         lines += [f"> **{note.strip()}**", ""]
@@ -170,6 +181,9 @@ def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
             lines += ["Students on synthetic faces:", "", *_table(mixed, ("data/mix/mode", "data/mix/scale",
                                                                           "data/mix/synthetic_size",
                                                                           "data/mix/soft_labels"))]
+        groups = group_students(classifiers, protocols)
+        if groups:
+            lines += students_markdown(groups)
     lines += list(sections)
     if generators:
         columns = [c for c in GENERATOR_HEADLINE
@@ -236,7 +250,7 @@ def run_report(cfg: DictConfig) -> dict:
     # scaling: the run folder + sweep folders of one experiment; ablation: folders whose jobs ran several experiments
     scaling_jobs = [run_job, *[j for g in groups if not is_ablation(g) for j in g]]
     ablation_jobs = [j for g in groups if is_ablation(g) for j in g]
-    table = scaling_table([r for j in scaling_jobs for r in j.students], baseline_accuracy(cfg, metrics))
+    table = scaling_table([r for j in scaling_jobs for r in j.students], baseline_runs(cfg, run_job))
     if table.n_cells >= 2:
         plot_scaling(table, out_dir / "scaling.png")
         sections += scaling_markdown(table, "scaling.png")
