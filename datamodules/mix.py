@@ -201,8 +201,9 @@ class MixedFERDataModule(L.LightningDataModule):
         usable = (np.flatnonzero(np.asarray(data["kept"], dtype=bool)) if self.kept_only and "kept" in cols
                   else np.arange(len(data)))
         if n is None and len(usable) == 0:
-            raise ValueError(f"mix.synthetic: {self.synthetic} has no kept faces (the vote dropped all of them: "
-                             "lower relabel.threshold, or set mix.kept_only=false)")
+            raise ValueError(f"mix.synthetic: {self.synthetic} has no kept faces (the vote dropped all of them: lower "
+                             "the threshold of the stage that wrote it, relabel.threshold or pseudolabel.threshold, "
+                             "or set mix.kept_only=false)")
         n = len(usable) if n is None else n
         if len(usable) < n:
             raise ValueError(f"mix.scale={self.scale} needs {n} synthetic rows (scale × {self.num_real} real train "
