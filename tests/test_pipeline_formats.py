@@ -15,7 +15,8 @@ from datamodules.toyfaces_export import export_toyfaces
 from tests.conftest import TINY, compose
 
 SIZES = {"train": 64, "val": 16, "test": 24}
-# Tiny and fast on top of conftest's TINY: 1-epoch voters (and the self-training teacher) keep every face, 32 px generator, small synthetic set.
+# Tiny and fast on top of conftest's TINY: 1-epoch voters (and the self-training teacher) keep every face,
+# 32 px generator, small synthetic set.
 PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshold=0", "pseudolabel.threshold=0",
             "data.image_size=32", "data.num_workers=0", "data.batch_size=32", "generator.model.image_size=32",
             "synthesis.plan.scale=0.5", "synthesis.sample.steps=2", "trainer=cpu", "logger=csv")
