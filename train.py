@@ -1,4 +1,4 @@
-"""Single entry point: `python train.py stage=<teacher|generator|synthesize|relabel|student|pipeline|report> experiment=<name> [overrides]`."""
+"""Single entry point: `python train.py stage=<teacher|generator|synthesize|relabel|student|pipeline|report|annotate_aus> experiment=<name> [overrides]`."""
 from __future__ import annotations
 
 import os
@@ -42,6 +42,12 @@ def _relabel(cfg: DictConfig):
     return run_relabel_stage(cfg)
 
 
+def _annotate(cfg: DictConfig):
+    from lightning_modules.stages.annotate_stage import run_annotate_stage
+
+    return run_annotate_stage(cfg)
+
+
 def _pipeline(cfg: DictConfig):
     from lightning_modules.stages.pipeline import run_pipeline
 
@@ -55,7 +61,7 @@ def _report(cfg: DictConfig):
 
 
 STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesize": _synthesize,
-          "relabel": _relabel,
+          "relabel": _relabel, "annotate_aus": _annotate,
           "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 
 
@@ -63,6 +69,7 @@ def run_stage(cfg: DictConfig):
     if cfg.stage not in STAGES:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)}")
     preflight.check_trainer(cfg)  # before the stage reads data or touches its outputs
+    cfg = preflight.resolve_au_source(cfg)
     return STAGES[cfg.stage](cfg)
 
 
