@@ -251,13 +251,13 @@ def au_source_problem(format: str, au_source: Optional[str], openface: Optional[
     if au_source not in AU_SOURCES:
         return "data.au_source", f"must be one of {', '.join(AU_SOURCES)} (or null: sidecar when data.openface is set), " \
                                  f"got {au_source!r}"
-    if format == "toy" and openface is not None:
-        return "data.openface", ("the toy faces carry ground-truth AUs in memory and read no OpenFace csv; unset it "
-                                 "(data.au_source=none drops their AUs)")
     if format == "toy" and au_source == "annotate":
         return "data.au_source", ("the toy faces carry ground-truth AUs (sidecar); to try annotate, export them "
                                   "without AUs (python -m datamodules.toyfaces_export --sidecars none) and read the "
                                   "export through a public format")
+    if format == "toy" and openface is not None:
+        return "data.openface", ("the toy faces carry ground-truth AUs in memory and read no OpenFace csv; unset it "
+                                 "(data.au_source=none drops their AUs)")
     if au_source == "sidecar" and openface is None and format != "toy":
         return "data.openface", ("data.au_source=sidecar reads AUs from an OpenFace csv (or a folder of per-image "
                                  "csvs): set data.openface=<path>, or choose data.au_source=annotate|none")

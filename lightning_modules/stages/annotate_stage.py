@@ -71,17 +71,18 @@ def detector_config(cfg: DictConfig) -> DictConfig:
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.data, out.teacher = composed.data, composed.teacher
-        for key, value in overrides.items():
-            try:
-                OmegaConf.update(out, key, value, merge=True, force_add=False)
-            except Exception as err:  # noqa: BLE001 - an unknown key in struct mode, a bad type
-                raise ConfigError("annotate.detector.overrides", f"{key}: {err}") from err
-        out.teacher.name = str(det.name)
-        out.stage = "teacher"
+    out.teacher.name, out.stage = str(det.name), "teacher"
+    for key, value in overrides.items():  # struct mode: an unknown key is refused, never added
+        try:
+            OmegaConf.update(out, key, value, merge=True)
+        except Exception as err:  # noqa: BLE001 - an unknown key, a value of the wrong type
+            raise ConfigError("annotate.detector.overrides", f"{key}: {' '.join(str(err).split())[:200]}") from err
     source = _au_source(out.data)
     require(source == "sidecar", "annotate.detector.data",
             f"the detector's data has no AUs (au_source={source}); give it an OpenFace csv through "
             "annotate.detector.overrides={data.openface: <csv>} or train it on toy faces")
+    with open_dict(out):
+        out.data.au_source = source  # resolved, as in every stage's saved config
     require(list(out.data.aus) == list(cfg.data.aus), "annotate.detector",
             f"AU vocabulary mismatch: the detector would learn {list(out.data.aus)}, the run's data.aus is "
             f"{list(cfg.data.aus)}")
