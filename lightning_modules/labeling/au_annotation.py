@@ -137,7 +137,10 @@ def au_card(records: Sequence[FERRecord], aus: np.ndarray, ok: np.ndarray, vocab
 def card_markdown(card: dict) -> str:
     names = [f"AU{a:02d}" for a in card["aus"]]
     lines = ["# AU annotation card", "",
-             f"Detector: {card.get('detector', {}).get('checkpoint', '?')}; sidecar: {card.get('sidecar', '?')}", "",
+             f"Detector: {card.get('detector', {}).get('checkpoint', '?')}"
+             + (f" (AU MAE {card['detector']['test_au_mae']:.3f} on its own test faces)"
+                if card.get("detector", {}).get("test_au_mae") is not None else "")
+             + f"; sidecar: {card.get('sidecar', '?')}", "",
              f"Coverage: {card['annotated']} of {card['faces']} faces annotated ({100 * card['coverage']:.1f} %)"
              + ("; the others' images could not be read (success 0 in the csv)." if card['annotated'] < card['faces']
                 else "."), "",

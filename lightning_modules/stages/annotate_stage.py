@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -169,7 +170,8 @@ def load_detector(path: Path, num_aus: int):
     key = "annotate.detector.checkpoint"
     try:
         model = load_fer_classifier(path)
-    except (ValueError, KeyError, RuntimeError, OSError) as err:  # not a classifier checkpoint, damaged file
+    except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:  # not a
+        # classifier checkpoint, a damaged or truncated file
         reason = " ".join(str(err).split())[:200]
         raise ConfigError(key, f"{path} is not a loadable FER classifier checkpoint ({reason})") from err
     require(getattr(model, "au_head", None) is not None, key, f"{path} has no AU head (train it with teacher.model."
@@ -191,6 +193,18 @@ def build_faces(cfg: DictConfig, image_size: int):
     datamodule = build_datamodule(plain)
     datamodule.setup("fit")
     return datamodule
+
+
+def detector_facts(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+    """For the card: which detector, and its AU error on its own held-out faces where its stage recorded one."""
+    import json
+
+    facts: dict[str, Any] = {"checkpoint": str(checkpoint), "trained_on": detector_spec(cfg).data}
+    metrics = checkpoint.parent / "metrics.json"
+    if metrics.is_file():
+        scores = json.loads(metrics.read_text())
+        facts.update({k.replace("/", "_"): scores[k] for k in ("test/au_mae", "test/acc") if k in scores})
+    return facts
 
 
 def wait_for(out_dir: Path, digest: str, path: Path, seconds: float) -> None:
@@ -236,8 +250,7 @@ def run_annotate_stage(cfg: DictConfig) -> dict:
         raise DataError(f"annotate_aus: not one of the {len(records)} face images of data.root could be read")
     write_sidecar(path, records, aus, ok, datamodule.vocab, root=cfg.data.get("root"))
     card = au_card(records, aus, ok, datamodule.vocab, datamodule.class_names, splits)
-    card.update(sidecar=str(path), config_hash=digest, image_size=image_size,
-                detector={"checkpoint": str(checkpoint), "trained_on": detector_spec(cfg).data})
+    card.update(sidecar=str(path), config_hash=digest, image_size=image_size, detector=detector_facts(cfg, checkpoint))
     runtime.write_json_atomic(out_dir / "card.json", card)
     (out_dir / "card.md").write_text(card_markdown(card))
     seconds = time.time() - start
