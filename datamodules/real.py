@@ -249,8 +249,8 @@ def au_source_problem(format: str, au_source: Optional[str], openface: Optional[
     if au_source is None:
         au_source = "sidecar" if openface is not None or format == "toy" else "none"
     if au_source not in AU_SOURCES:
-        return "data.au_source", f"must be one of {', '.join(AU_SOURCES)} (or null: sidecar when data.openface is set), " \
-                                 f"got {au_source!r}"
+        return "data.au_source", (f"must be one of {', '.join(AU_SOURCES)} (or null: sidecar when data.openface is "
+                                  f"set), got {au_source!r}")
     if format == "toy" and au_source == "annotate":
         return "data.au_source", ("the toy faces carry ground-truth AUs (sidecar); to try annotate, export them "
                                   "without AUs (python -m datamodules.toyfaces_export --sidecars none) and read the "

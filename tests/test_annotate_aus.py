@@ -41,8 +41,9 @@ def bare(tmp_path_factory):
 
 
 def annotate_overrides(root, *extra):
-    return [*BASE, "data=imagefolder", f"data.root={root}", "data.protocol=8", "data.image_size=32", "data.num_workers=0",
-            "data.au_source=annotate", "annotate.detector.data=toy", DETECTOR, "annotate.batch_size=16", *extra]
+    return [*BASE, "data=imagefolder", f"data.root={root}", "data.protocol=8", "data.image_size=32",
+            "data.num_workers=0", "data.au_source=annotate", "annotate.detector.data=toy", DETECTOR,
+            "annotate.batch_size=16", *extra]
 
 
 def _records(result, fmt):
