@@ -275,3 +275,21 @@ def test_agreement_script_scores_a_csv_against_itself(bare, tmp_path):
     assert same["mean_pearson_r"] == pytest.approx(1.0) and same["mean_mae"] == pytest.approx(0.0, abs=1e-3)
     worse = main([*args, "--predicted", str(tmp_path / "pred.csv")])
     assert 0.3 < worse["mean_pearson_r"] < 0.99 and worse["per_au"]["AU01"]["n"] == len(records)
+
+
+@pytest.mark.slow
+def test_pipeline_annotates_then_skips_and_redoes_a_deleted_csv(bare, annotated, tmp_path):
+    import train
+
+    detector = annotated[0] / "au_detector" / "au_detector.ckpt"  # trained once for the module
+    overrides = [o for o in annotate_overrides(bare["imagefolder"]) if not o.startswith("annotate.detector")]
+    cfg = compose([*overrides, f"annotate.detector.checkpoint={detector}", "stage=pipeline",
+                   "pipeline.stages=[teacher]"], tmp_path / "run")
+    first = train.run_stage(cfg)
+    assert (first["annotate_aus"], first["teacher"]) == ("ran", "ran")
+    csv = next((tmp_path / "run" / "annotate_aus").glob("openface_aus.*.csv"))
+    second = train.run_stage(cfg)
+    assert (second["annotate_aus"], second["teacher"]) == ("skipped", "skipped")
+    csv.unlink()
+    third = train.run_stage(cfg)  # the teacher's input is the same file again: only the csv is redone
+    assert (third["annotate_aus"], third["teacher"]) == ("ran", "skipped") and csv.is_file()
