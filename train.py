@@ -1,4 +1,6 @@
-"""Single entry point: `python train.py stage=<teacher|generator|synthesize|relabel|student|pipeline|report> experiment=<name> [overrides]`."""
+"""Single entry point: `python train.py stage=<name> experiment=<name> [overrides]`.
+
+Stages: teacher, generator, synthesize, relabel, student, pipeline, report, annotate_aus, pseudolabel."""
 from __future__ import annotations
 
 import os
@@ -42,10 +44,16 @@ def _relabel(cfg: DictConfig):
     return run_relabel_stage(cfg)
 
 
-def _stage(name: str):
-    import importlib
+def _pseudolabel(cfg: DictConfig):
+    from lightning_modules.stages.pseudolabel_stage import run_pseudolabel_stage
 
-    return importlib.import_module(f"lightning_modules.stages.{name}")
+    return run_pseudolabel_stage(cfg)
+
+
+def _annotate(cfg: DictConfig):
+    from lightning_modules.stages.annotate_stage import run_annotate_stage
+
+    return run_annotate_stage(cfg)
 
 
 def _pipeline(cfg: DictConfig):
@@ -61,7 +69,8 @@ def _report(cfg: DictConfig):
 
 
 STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesize": _synthesize,
-          "relabel": _relabel, "pseudolabel": lambda cfg: _stage("pseudolabel_stage").run_pseudolabel_stage(cfg),
+          "relabel": _relabel, "annotate_aus": _annotate,
+          "pseudolabel": _pseudolabel,
           "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 
 
@@ -69,6 +78,7 @@ def run_stage(cfg: DictConfig):
     if cfg.stage not in STAGES:
         raise ConfigError("stage", f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)}")
     preflight.check_trainer(cfg)  # before the stage reads data or touches its outputs
+    cfg = preflight.resolve_au_source(cfg)
     return STAGES[cfg.stage](cfg)
 
 

@@ -28,6 +28,8 @@ SPLITS = ("train", "val", "test")
 READER_WARNED = {"missing_image", "duplicate", "bad_face_box", "corrupt_image", "in_test_split", "in_val_split"}
 # Formats without a usable validation split: RAF-DB has none; AffectNet's validation set is its test set.
 CARVE_VAL_FORMATS = {"rafdb", "affectnet", "affectnet_npy"}
+# Where a run's AUs come from (data.au_source): an OpenFace csv, the annotate_aus stage's csv, or nowhere.
+AU_SOURCES = ("sidecar", "annotate", "none")
 
 
 class RealFERDataModule(L.LightningDataModule):
@@ -46,6 +48,7 @@ class RealFERDataModule(L.LightningDataModule):
         seed: int = 0,
         aus: Optional[Sequence[int]] = None,
         openface: Optional[str] = None,
+        au_source: Optional[str] = None,    # sidecar | annotate | none; None: sidecar with openface (or toy), else none
         captions: Optional[str] = None,
         format_options: Optional[dict] = None,
         toy: Optional[dict] = None,
@@ -68,6 +71,7 @@ class RealFERDataModule(L.LightningDataModule):
         for key, path in (("data.openface", openface), ("data.captions", captions)):
             if path is not None and not Path(path).exists():
                 raise DataFileNotFound(f"{key} does not exist: {path}")
+        self.au_source = resolve_au_source(format, au_source, openface)
         if protocol not in (7, 8):
             raise ValueError(f"data.protocol must be 7 or 8, got {protocol}")
         if val_split not in ("auto", "split", "carve"):
@@ -111,7 +115,8 @@ class RealFERDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ reading
     def _read(self, split: str) -> list[FERRecord]:
         if self.format == "toy":
-            return toy_records(self.toy_config, split, self.toy_sizes[split], self.vocab.aus)
+            records = toy_records(self.toy_config, split, self.toy_sizes[split], self.vocab.aus)
+            return drop_aus(records) if self.au_source == "none" else records
         from datamodules.formats import attach_captions, attach_openface, read_split, verify_images
 
         result = read_split(self.format, self.root, split, **self.format_options)
@@ -212,7 +217,10 @@ class RealFERDataModule(L.LightningDataModule):
             labels = np.array([r.label for r in recs])[~bad]
             out[f"{split}_size"] = len(labels)
             out[f"{split}_class_counts"] = [int((labels == k).sum()) for k in range(self.num_classes)]
+            out[f"{split}_with_aus"] = int(sum(r.au_mask is not None and bool(np.any(r.au_mask))
+                                               for r, b in zip(recs, bad) if not b))
         out["skipped"] = dict(skipped)
+        out["au_source"] = self.au_source
         return out
 
     # ------------------------------------------------------------------ loaders
@@ -258,6 +266,54 @@ def native_size(datamodule: "RealFERDataModule") -> Optional[tuple[int, int]]:
         except LOAD_ERRORS:
             continue
     return None
+
+
+def au_source_problem(format: str, au_source: Optional[str], openface: Optional[str]) -> Optional[tuple[str, str]]:
+    """``(config key, message)`` when ``data.au_source``, ``data.openface`` and ``data.format`` do not fit together.
+
+    An OpenFace csv is never silently ignored: ``none`` with ``data.openface`` set is an error, and so is a csv
+    given to the toy faces (they carry their own ground-truth AUs). ``annotate`` reads the csv that stage
+    ``annotate_aus`` wrote; train.py points ``data.openface`` at it, a user-set one is refused there.
+    """
+    if au_source is None:
+        au_source = "sidecar" if openface is not None or format == "toy" else "none"
+    if au_source not in AU_SOURCES:
+        return "data.au_source", (f"must be one of {', '.join(AU_SOURCES)} (or null: sidecar when data.openface is "
+                                  f"set), got {au_source!r}")
+    if format == "toy" and au_source == "annotate":
+        return "data.au_source", ("the toy faces carry ground-truth AUs (sidecar); to try annotate, export them "
+                                  "without AUs (python -m datamodules.toyfaces_export --sidecars none) and read the "
+                                  "export through a public format")
+    if format == "toy" and openface is not None:
+        return "data.openface", ("the toy faces carry ground-truth AUs in memory and read no OpenFace csv; unset it "
+                                 "(data.au_source=none drops their AUs)")
+    if au_source == "sidecar" and openface is None and format != "toy":
+        return "data.openface", ("data.au_source=sidecar reads AUs from an OpenFace csv (or a folder of per-image "
+                                 "csvs): set data.openface=<path>, or choose data.au_source=annotate|none")
+    if au_source == "none" and openface is not None:
+        return "data.openface", (f"is set ({openface}) but data.au_source=none uses no AUs; unset data.openface or "
+                                 "choose data.au_source=sidecar")
+    if au_source == "annotate" and openface is None:
+        return "data.au_source", ("annotate reads the csv written by stage=annotate_aus; run through train.py, which "
+                                  "points data.openface at it")
+    return None
+
+
+def resolve_au_source(format: str, au_source: Optional[str], openface: Optional[str]) -> str:
+    """The run's AU source (``data.au_source``, null resolved); a bad combination is a ValueError naming the key."""
+    problem = au_source_problem(format, au_source, openface)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
+    if au_source is None:
+        return "sidecar" if openface is not None or format == "toy" else "none"
+    return au_source
+
+
+def drop_aus(records: list[FERRecord]) -> list[FERRecord]:
+    """``au_source=none`` on the toy faces: their ground-truth AUs become unknown, as on a download without AUs."""
+    for rec in records:
+        rec.aus, rec.au_mask = None, None
+    return records
 
 
 def check_format_options(format: str, options: dict) -> None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 from datamodules.errors import DataError
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.runtime import ConfigError, is_rank_zero, require
 
 USER_ERRORS = (ConfigError, DataError)  # DataFileNotFound is a DataError
 EXIT_USER_ERROR = 2
@@ -118,6 +118,56 @@ def check_trainer(cfg: DictConfig) -> None:
     nodes = trainer.get("num_nodes", 1)
     require(isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1, "trainer.num_nodes",
             f"must be an integer >= 1, got {nodes!r}")
+
+
+# --------------------------------------------------------------------------------------------------------- AU source
+AU_STAGES = ("teacher", "generator", "synthesize", "relabel", "student", "pipeline", "annotate_aus")
+
+
+def resolve_au_source(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` with ``data.au_source`` resolved (null: sidecar when data.openface is set or the data are
+    toy faces, else none) and, for ``annotate``, ``data.openface`` pointing at the csv stage ``annotate_aus`` writes
+    for this config. Bad combinations are ConfigErrors naming the key; one log line says where the AUs come from."""
+    import copy
+    import logging
+
+    from omegaconf import open_dict
+
+    from datamodules.real import au_source_problem, resolve_au_source as resolve
+
+    data = cfg.get("data")
+    if data is None or "au_source" not in data or cfg.get("stage") not in AU_STAGES:
+        return cfg
+    fmt, source, openface = data.format, data.au_source, data.openface
+    if source == "annotate":
+        require(openface is None, "data.openface",
+                f"is set ({openface}) but data.au_source=annotate reads the csv stage annotate_aus writes; unset "
+                "data.openface, or choose data.au_source=sidecar to read this csv")
+        problem = au_source_problem(fmt, source, "the annotate_aus csv")  # e.g. toy faces: before any detector work
+        if problem is not None:
+            raise ConfigError(*problem)
+        from lightning_modules.stages.annotate_stage import sidecar_path
+
+        openface = str(sidecar_path(cfg))
+        if cfg.stage not in ("pipeline", "annotate_aus"):
+            require(Path(openface).is_file(), "data.au_source",
+                    f"annotate: no annotated AU csv for this data and detector yet ({openface}); run "
+                    "stage=annotate_aus first (stage=pipeline runs it)")
+    elif cfg.stage == "annotate_aus":
+        raise ConfigError("data.au_source", f"stage=annotate_aus writes the AU csv of data.au_source=annotate, got "
+                                            f"{source or 'null'}; set data.au_source=annotate")
+    problem = au_source_problem(fmt, source, openface)
+    if problem is not None:
+        raise ConfigError(*problem)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.data.au_source, out.data.openface = resolve(fmt, source, openface), openface
+    why = {"sidecar": f"OpenFace csv {openface}" if openface else "the toy faces' ground truth",
+           "annotate": f"the suite's AU detector, csv {openface}",
+           "none": "no AUs: text/label conditioning only, AU metrics skipped"}[out.data.au_source]
+    if is_rank_zero():
+        logging.getLogger(__name__).info("data.au_source=%s (%s)", out.data.au_source, why)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- run folder

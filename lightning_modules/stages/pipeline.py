@@ -27,7 +27,7 @@ from lightning_modules.student import check_seeds, read_protocol, seed_suffix
 
 log = logging.getLogger(__name__)
 
-STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "pseudolabel", "students")
+STEPS = ("annotate_aus", "teacher", "generator", "synthesize", "feranno", "relabel", "pseudolabel", "students")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
@@ -128,6 +128,14 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
     run_dir = Path(cfg.paths.run_dir)
     relabel_on = bool(cfg.relabel.enabled)
     steps = []
+    annotate = OmegaConf.select(cfg, "data.au_source") == "annotate"  # resolved by train.py
+    require(annotate or "annotate_aus" not in wanted, "pipeline.stages",
+            "annotate_aus runs when data.au_source=annotate (then always first); drop it or set the AU source")
+    if annotate:  # the later steps read its csv (data.openface)
+        from lightning_modules.stages import annotate_stage
+
+        steps.append(("annotate_aus", lambda: (run_dir / annotate_stage.STAGE, annotate_stage.annotation_digest(cfg),
+                                               lambda: annotate_stage.run_annotate_stage(cfg), cfg)))
     if "teacher" in wanted:
         steps.append(("teacher", lambda: _classifier(cfg, "teacher")))
     if "generator" in wanted:
@@ -157,6 +165,8 @@ def outputs_intact(label: str, out_dir: Path) -> bool:
     from datamodules.errors import DataError
     from datamodules.synthetic import verify_synthetic
 
+    if label == "annotate_aus":  # the later steps read its csv (only this config's is kept): a deleted one is redone
+        return any(out_dir.glob("openface_aus.*.csv"))
     if label not in ("synthesize", "relabel", "pseudolabel"):
         return True
     try:

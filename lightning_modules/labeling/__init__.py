@@ -1,0 +1,1 @@
+"""Labelling faces with the suite's own models (AU annotation)."""
