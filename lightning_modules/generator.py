@@ -30,8 +30,8 @@ from datamodules.caption_builder import CaptionBuilder, save_settings
 from datamodules.labels import DISFA_AUS, AUVocabulary, parse_au_list
 from lightning_modules.conditioning import (AUEncoder, augment_aus, class_conditions, drop_conditions, encode_text,
                                             install_au_attention)
-from lightning_modules.generator_components import (BACKBONES, SAMPLERS, add_class_embedding, build_tiny,
-                                                    load_pretrained, make_sampler, null_class_id)
+from lightning_modules.generator_components import (BACKBONES, CLASS_EMBEDDING_INITS, SAMPLERS, add_class_embedding,
+                                                    build_tiny, load_pretrained, make_sampler, null_class_id)
 from lightning_modules.generator_pipeline import SynFERPipeline
 
 FINETUNE_MODES = ("full", "lora")
@@ -57,6 +57,7 @@ class FERGenerator(L.LightningModule):
         au_dropout: float = 0.1,
         label_conditioning: bool = False,
         label_dropout: float = 0.1,
+        label_embedding_init: str = "auto",
         captions: Optional[dict] = None,
         train_text_encoder: bool = True,
         finetune: str = "full",
@@ -81,6 +82,9 @@ class FERGenerator(L.LightningModule):
             raise ValueError(f"generator.model.label_dropout must be in [0, 1), got {label_dropout}")
         if label_conditioning and num_classes < 1:
             raise ValueError(f"generator.model.label_conditioning needs num_classes >= 1, got {num_classes}")
+        if label_embedding_init not in CLASS_EMBEDDING_INITS:
+            raise ValueError(f"generator.model.label_embedding_init must be one of {CLASS_EMBEDDING_INITS}, "
+                             f"got {label_embedding_init!r}")
         self.vocab: AUVocabulary = parse_au_list(aus)
         # captions of faces without one; grids, evaluation and (through captions.json) synthesis use it too
         self.captioner = CaptionBuilder.from_config(captions, self.vocab.aus, "generator.model.captions")
@@ -91,7 +95,9 @@ class FERGenerator(L.LightningModule):
         self.unet, self.text_encoder, self.vae = parts.unet, parts.text_encoder, parts.vae
         self.tokenizer, self.noise_scheduler, self.image_size = parts.tokenizer, parts.noise_scheduler, parts.image_size
         if label_conditioning:  # created after the other parts: the label-free model's init stays as it was
-            add_class_embedding(self.unet, num_classes + 1)
+            init = label_embedding_init if label_embedding_init != "auto" else (
+                "normal" if backbone == "tiny" else "zeros")  # from scratch vs a pretrained UNet kept as it was
+            add_class_embedding(self.unet, num_classes + 1, init)
         self.null_class = null_class_id(self.unet) if label_conditioning else None
         self.au_encoder: Optional[AUEncoder] = None
         self.au_processors = None

@@ -96,22 +96,33 @@ def load_pretrained(path: str, image_size: Optional[int] = None, noise_scheduler
     return GeneratorParts(unet, text, tokenizer, scheduler, vae, int(image_size or native))
 
 
-def add_class_embedding(unet: UNet2DConditionModel, num_embeds: int) -> nn.Embedding:
+CLASS_EMBEDDING_INITS = ("auto", "zeros", "normal")
+
+
+def add_class_embedding(unet: UNet2DConditionModel, num_embeds: int, init: str = "zeros") -> nn.Embedding:
     """Give ``unet`` a class-label embedding added to its time embedding (diffusers' ``num_class_embeds`` with
     ``class_embed_type=None``): ``num_embeds`` rows, the last one the null class of condition dropout / CFG.
 
-    Zero-initialised, so a pretrained UNet starts out exactly as it was and the label only enters as it is
-    learned; the UNet config records ``num_class_embeds`` so the saved folder reloads with the embedding.
+    ``zeros``: a pretrained UNet starts out exactly as it was and the label only enters as it is learned.
+    ``normal``: N(0, 1) rows, torch's and diffusers' own default, on the scale of the time embedding: a UNet
+    trained from scratch hears the label from its first step (from zero, a short CPU run left the rows ~30x smaller
+    than the time embedding and the label changed nothing). The UNet config records ``num_class_embeds`` so the
+    saved folder reloads with the embedding.
     """
     if num_embeds < 2:
         raise ValueError(f"a class embedding needs >= 1 class + the null class, got {num_embeds} rows")
+    if init not in ("zeros", "normal"):
+        raise ValueError(f"class embedding init must be zeros or normal, got {init!r}")
     if unet.class_embedding is not None:
         raise ValueError("the UNet already has a class embedding "
                          f"(class_embed_type={unet.config.class_embed_type!r}, "
                          f"num_class_embeds={unet.config.num_class_embeds})")
     weight = unet.time_embedding.linear_2.weight
     embedding = nn.Embedding(num_embeds, weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
-    nn.init.zeros_(embedding.weight)
+    if init == "zeros":
+        nn.init.zeros_(embedding.weight)
+    else:
+        nn.init.normal_(embedding.weight)
     unet.class_embedding = embedding
     unet.register_to_config(num_class_embeds=int(num_embeds), class_embed_type=None)
     return embedding

@@ -22,7 +22,7 @@ CAPTIONS = ["a happy face", "a sad face", "a face"]
 def _generator(label_conditioning=True, seed=0, **kw) -> FERGenerator:
     torch.manual_seed(seed)
     gen = FERGenerator(label_conditioning=label_conditioning, num_classes=4, **{**SMALL, **kw})
-    if label_conditioning:  # a trained-looking embedding (it starts at zero, where the label changes nothing)
+    if label_conditioning:  # a seeded embedding: the same rows whatever the default init
         with torch.no_grad():
             gen.unet.class_embedding.weight.normal_(0, 1, generator=torch.Generator().manual_seed(seed))
     return gen
@@ -39,8 +39,13 @@ def test_class_embedding_shapes_and_training_gradient():
     gen = _generator(label_conditioning=True, seed=1)
     assert gen.null_class == 4 and gen.unet.config.num_class_embeds == 5
     assert gen.unet.class_embedding.weight.shape == (5, gen.unet.time_embedding.linear_2.out_features)
-    fresh = FERGenerator(label_conditioning=True, num_classes=4, **SMALL)
-    assert not fresh.unet.class_embedding.weight.any()  # zero-initialised
+    # the tiny UNet trains from scratch: N(0, 1) rows on the time embedding's scale; zeros on request
+    fresh = FERGenerator(label_conditioning=True, num_classes=4, **SMALL).unet.class_embedding.weight
+    assert 0.5 < float(fresh.std()) < 1.5 and fresh.mean().abs() < 0.3
+    zeros = FERGenerator(label_conditioning=True, num_classes=4, label_embedding_init="zeros", **SMALL)
+    assert not zeros.unet.class_embedding.weight.any()
+    with pytest.raises(ValueError, match="label_embedding_init"):
+        FERGenerator(label_conditioning=True, label_embedding_init="ones", **SMALL)
     loss = gen.diffusion_loss(_batch(), train=True)
     loss.backward()
     grad = gen.unet.class_embedding.weight.grad
@@ -227,6 +232,7 @@ def test_lora_fine_tune_trains_and_saves_the_class_embedding(tmp_path):
     gen = FERGenerator(backbone="pretrained", pretrained_path=str(sd), image_size=32, finetune="lora", lora_rank=2,
                        label_conditioning=True, num_classes=4, ema_decay=None, frozen_dtype=None)
     assert gen.unet.class_embedding.weight.requires_grad
+    assert not gen.unet.class_embedding.weight.any()  # a pretrained UNet starts out exactly as it was
     assert not gen.unet.conv_in.weight.requires_grad  # the base UNet stays frozen
     with torch.no_grad():
         gen.unet.class_embedding.weight.normal_()
