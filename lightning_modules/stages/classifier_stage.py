@@ -22,7 +22,8 @@ HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
              "student": ["data", "student", "mix", "trainer", "seed"]}
 
 
-RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun")
+RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun", "annotate_aus", "au_detector",
+                  "pseudolabel")
 
 
 def done_digest(cfg: DictConfig, role: str) -> str:
