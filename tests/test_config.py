@@ -66,7 +66,7 @@ def test_ablation_experiments_differ_from_their_base_only_in_their_switch(tmp_pa
     (["data.image_size=4"], "data.image_size"),
     (["data.augment.crop_scale=[0.9,0.5]"], "augment.crop_scale"),
     (["data.toy.label_noise=2.0"], "label_noise"),
-    *[([f"teacher.name={stage}"], "teacher.name") for stage in ("annotate_aus", "au_detector", "pseudolabel")],
+    *[([f"teacher.name={stage}"], "teacher.name") for stage in ("annotate_aus", "pseudolabel")],
 ])
 def test_bad_config_is_a_named_error_before_work(tiny_cfg, overrides, key, tmp_path):
     cfg = tiny_cfg(*overrides)
