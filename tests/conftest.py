@@ -56,3 +56,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def untrained_teacher_ckpt(tmp_path_factory) -> Path:
+    """An untrained tiny teacher checkpoint (8 classes, AU head): a fixed, differentiable voter or guide."""
+    import torch
+
+    from lightning_modules.teacher import FERTeacher
+
+    torch.manual_seed(0)
+    teacher = FERTeacher(backbone="resnet18", num_classes=8, num_aus=12, channels_last=False)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
+                "pytorch-lightning_version": "2.6.0"}, path)
+    return path

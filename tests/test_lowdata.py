@@ -109,17 +109,9 @@ def test_pick_is_seeded_and_overlap_is_a_bug():
         check_disjoint([*dm.outside_subset, twin], dm.records)
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    """An untrained tiny teacher checkpoint: a fixed voter."""
-    from lightning_modules.teacher import FERTeacher
-
-    torch.manual_seed(0)
-    teacher = FERTeacher(backbone="resnet18", num_classes=8, num_aus=12, channels_last=False)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.ckpt"
-    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
-                "pytorch-lightning_version": "2.6.0"}, path)
-    return path
+@pytest.fixture
+def teacher_ckpt(untrained_teacher_ckpt):
+    return untrained_teacher_ckpt
 
 
 def test_pseudolabel_needs_faces_outside_the_subset(tiny_cfg, teacher_ckpt):

@@ -35,17 +35,9 @@ def generator_dir(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def guide_ckpt(tmp_path_factory) -> Path:
-    """An untrained tiny teacher checkpoint: a fixed, differentiable guide."""
-    from lightning_modules.teacher import FERTeacher
-
-    torch.manual_seed(0)
-    teacher = FERTeacher(backbone="resnet18", num_classes=8, num_aus=12, channels_last=False)
-    path = tmp_path_factory.mktemp("guide") / "teacher.ckpt"
-    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
-                "pytorch-lightning_version": "2.6.0"}, path)
-    return path
+@pytest.fixture
+def guide_ckpt(untrained_teacher_ckpt):
+    return untrained_teacher_ckpt
 
 
 def _overrides(generator_dir, size=20, chunk=8, batch=4, steps=2):
