@@ -178,6 +178,22 @@ def log_start(stage: str, resume: Optional[Path], why: str) -> None:
     log.info("%s: resuming from %s (epoch %s, step %s)", stage, resume, state.get("epoch"), state.get("global_step"))
 
 
+# What a finished stage's model file does not need: the training state (Adam alone doubles a resnet18's size).
+TRAINING_STATE_KEYS = ("optimizer_states", "lr_schedulers", "callbacks", "loops")
+
+
+def export_weights(checkpoint: Path, dest: Path) -> None:
+    """Write ``checkpoint`` to ``dest`` without its training state, atomically; ``load_from_checkpoint`` reads it as
+    before (weights + hyper-parameters), resuming a fit uses ``checkpoints/last.ckpt`` instead."""
+    import torch
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for key in TRAINING_STATE_KEYS:
+        state.pop(key, None)
+    tmp = dest.with_name(dest.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, dest)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))

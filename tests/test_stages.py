@@ -25,6 +25,13 @@ def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
     assert all(not isinstance(v, dict) for v in saved.values())  # flat
     assert (out / "csv" / "metrics.csv").is_file()
     assert metrics["test/acc"] == saved["test/acc"]
+    # the artifact is the best checkpoint's weights without the training state (resume reads last.ckpt)
+    artifact = torch.load(out / "teacher.ckpt", map_location="cpu", weights_only=False)
+    best = torch.load(next((out / "checkpoints").glob("best-*.ckpt")), map_location="cpu", weights_only=False)
+    assert "optimizer_states" in best and "optimizer_states" not in artifact
+    assert artifact["state_dict"].keys() == best["state_dict"].keys()
+    assert all(torch.equal(artifact["state_dict"][k], best["state_dict"][k]) for k in best["state_dict"])
+    assert (out / "teacher.ckpt").stat().st_size < 0.6 * (out / "checkpoints" / "last.ckpt").stat().st_size
     # the teacher reloads from its artifact and has an AU head of the vocabulary's size
     teacher = load_teacher(out / "teacher.ckpt")
     with torch.no_grad():

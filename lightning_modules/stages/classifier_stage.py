@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -227,7 +226,7 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     metrics = {}
     if trainer.is_global_zero:
         if best:
-            shutil.copyfile(best, out_dir / f"{name}.ckpt")
+            runtime.export_weights(Path(best), out_dir / f"{name}.ckpt")
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
                    "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
