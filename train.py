@@ -56,6 +56,12 @@ def _annotate(cfg: DictConfig):
     return run_annotate_stage(cfg)
 
 
+def _synth_eval(cfg: DictConfig):
+    from lightning_modules.stages.synth_eval_stage import run_synth_eval_stage
+
+    return run_synth_eval_stage(cfg)
+
+
 def _pipeline(cfg: DictConfig):
     from lightning_modules.stages.pipeline import run_pipeline
 
@@ -69,7 +75,7 @@ def _report(cfg: DictConfig):
 
 
 STAGES = {"teacher": _classifier("teacher"), "generator": _generator, "synthesize": _synthesize,
-          "relabel": _relabel, "annotate_aus": _annotate,
+          "synth_eval": _synth_eval, "relabel": _relabel, "annotate_aus": _annotate,
           "pseudolabel": _pseudolabel,
           "student": _classifier("student"), "pipeline": _pipeline, "report": _report}
 

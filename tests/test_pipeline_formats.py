@@ -20,7 +20,7 @@ SIZES = {"train": 64, "val": 16, "test": 24}
 PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshold=0", "pseudolabel.threshold=0",
             "data.image_size=32", "data.num_workers=0", "data.batch_size=32", "generator.model.image_size=32",
             "synthesis.plan.scale=0.5", "synthesis.sample.steps=2", "trainer=cpu", "logger=csv")
-STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "student", "student_mix")
+STEPS = ("teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student", "student_mix")
 LOWDATA = ("pseudolabel", "student_selftrain")  # the low-data experiments add the self-training baseline
 
 # (name, overrides): each public format through its data config, and the public-dataset experiments with the

@@ -64,7 +64,7 @@ def test_student_stage_seven_class_protocol(tiny_cfg, tmp_path):
 
 
 PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshold=0")  # 1-epoch voters: keep all
-STEPS = ("teacher", "generator", "synthesize", "feranno", "relabel", "student", "student_mix")
+STEPS = ("teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student", "student_mix")
 
 
 @pytest.mark.slow
@@ -77,7 +77,9 @@ def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     report = run / "report"
     text = (report / "results.md").read_text()
     assert "| teacher |" in text and "| student |" in text and "| student_mix |" in text and "toyfaces_grid.png" in text
-    assert "## Synthesis" in text and "## Relabeling" in text
+    assert "## Synthesis" in text and "## Relabeling" in text and "## Synthetic set judged" in text
+    judged = json.loads((run / "synth_eval" / "metrics.json").read_text())
+    assert judged["num_samples"] == 96 and judged["judge"] == str(run / "teacher" / "teacher.ckpt")
     assert "| generator |" in text and (report / "generator_expressions_final.png").is_file()
     assert (report / "toyfaces_grid.png").is_file() and (report / "confusion_student.png").is_file()
     merged = json.loads((report / "metrics.json").read_text())
@@ -111,7 +113,8 @@ def test_pipeline_skips_finished_stages_and_reports(tiny_cfg, tmp_path):
     # the largest train set sets every student's optimizer-step budget (96 + 96 faces: 6 steps, 96 + 48: 5)
     fourth = train.run_stage(tiny_cfg(*PIPELINE, "student.model.lr=0.01", "synthesis.plan.scale=0.5",
                                       "synthesis.overwrite=true", "mix.scale=0.5"))
-    assert [s for s in STEPS if fourth[s] == "ran"] == ["synthesize", "relabel", "student", "student_mix"]
+    assert [s for s in STEPS if fourth[s] == "ran"] == ["synthesize", "synth_eval", "relabel", "student",
+                                                        "student_mix"]
     assert [json.loads((run / s / "metrics.json").read_text())["optimizer_steps"] for s in STEPS[-2:]] == [5, 5]
 
 

@@ -22,7 +22,8 @@ HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
 
 
 # (au_detector is not here: it is the teacher that stage annotate_aus trains)
-RESERVED_NAMES = ("generator", "synthesize", "relabel", "report", "pipeline", "multirun", "annotate_aus", "pseudolabel")
+RESERVED_NAMES = ("generator", "synthesize", "synth_eval", "relabel", "report", "pipeline", "multirun", "annotate_aus",
+                  "pseudolabel")
 
 
 def done_digest(cfg: DictConfig, role: str) -> str:

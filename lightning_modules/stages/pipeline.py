@@ -1,6 +1,6 @@
-"""`stage=pipeline`: teacher -> generator -> synthesize -> FERAnno -> relabel -> students -> report inside one run
-folder, handing artifacts over by path. A stage whose outputs exist for the same config and the same inputs is
-skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
+"""`stage=pipeline`: teacher -> generator -> synthesize -> synth_eval -> FERAnno -> relabel -> students -> report
+inside one run folder, handing artifacts over by path. A stage whose outputs exist for the same config and the same
+inputs is skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
 ``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
@@ -21,13 +21,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_modules import runtime
 from lightning_modules.runtime import require
-from lightning_modules.stages import classifier_stage, generator_stage, pseudolabel_stage, relabel_stage
+from lightning_modules.stages import (classifier_stage, generator_stage, pseudolabel_stage, relabel_stage,
+                                     synth_eval_stage)
 from lightning_modules.stages.report import run_report
 from lightning_modules.student import check_seeds, read_protocol, seed_suffix
 
 log = logging.getLogger(__name__)
 
-STEPS = ("annotate_aus", "teacher", "generator", "synthesize", "feranno", "relabel", "pseudolabel", "students")
+STEPS = ("annotate_aus", "teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "pseudolabel",
+         "students")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
@@ -147,6 +149,8 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
             return run_dir / "synthesize", checked[2], lambda: run_synthesize_stage(cfg, checked), cfg
 
         steps.append(("synthesize", synthesize_step))
+    if "synth_eval" in wanted:  # scores the synthesized set, before relabeling
+        steps.append(("synth_eval", lambda: synth_eval_stage.step(cfg)))
     if "feranno" in wanted and relabel_on:
         steps.append(("feranno", lambda: _classifier(feranno_config(cfg), "teacher")))
     if "relabel" in wanted and relabel_on:

@@ -1,0 +1,168 @@
+"""`stage=synth_eval`: how good is a synthetic set, as the students will get it? A judge (a FER classifier) scores
+the set's faces against the conditions they were synthesized for:
+
+- FER-Acc: the judge's argmax equals the conditioned (target) expression, overall and per class;
+- AU fidelity (sets made with AU targets): per-AU Pearson r / MAE / AU-Acc of the judge's AU head vs the targets;
+- FID / KID against real faces of ``synth_eval.real_split`` in the judge's feature space.
+
+This scores whatever made the set (generator, semantic guidance, layout initialisation), so the cumulative ablation
+compares its rows here; the generator stage's own evaluation scores the generator alone on fixed conditions. The
+metrics name their judge and whether it also guided the set (a judge that guided overrates guided faces).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from lightning_modules import runtime
+from lightning_modules.runtime import ConfigError, require
+
+STAGE = "synth_eval"
+HASH_KEYS = ["data", "synth_eval", "seed"]
+SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+def check_config(se: DictConfig) -> None:
+    require(str(se.real_split) in SPLITS, "synth_eval.real_split",
+            f"must be one of {', '.join(SPLITS)}, got {se.real_split!r}")
+    max_faces = se.max_faces
+    require(max_faces is None or (isinstance(max_faces, int) and not isinstance(max_faces, bool) and max_faces >= 2),
+            "synth_eval.max_faces", f"must be a number of faces >= 2 or null (all), got {max_faces!r}")
+    require(isinstance(se.batch_size, int) and se.batch_size >= 1, "synth_eval.batch_size",
+            f"must be >= 1, got {se.batch_size!r}")
+    require(float(se.au_active_threshold) >= 0, "synth_eval.au_active_threshold",
+            f"must be >= 0, got {se.au_active_threshold}")
+
+
+def judge_path(cfg: DictConfig) -> Path:
+    path = Path(str(cfg.synth_eval.judge))
+    if not path.is_file():
+        raise ConfigError("synth_eval.judge", f"no judge checkpoint at {path} (a teacher checkpoint: run stage=teacher "
+                                              f"or point synth_eval.judge at one)")
+    return path
+
+
+def done_digest(cfg: DictConfig) -> str:
+    """Config + the set's manifest (it changes with every shard written or relabelled) + the judge."""
+    from datamodules.synthetic import MANIFEST
+
+    return runtime.inputs_hash(cfg, HASH_KEYS, [Path(str(cfg.synth_eval.input)) / MANIFEST, judge_path(cfg)])
+
+
+def step(cfg: DictConfig):
+    """The pipeline step: (output folder, done digest, runner, config)."""
+    return Path(cfg.paths.run_dir) / STAGE, done_digest(cfg), lambda: run_synth_eval_stage(cfg), cfg
+
+
+def pick(n: int, max_faces: Optional[int], seed: int) -> np.ndarray:
+    """A seeded subset of ``max_faces`` of ``n`` indices (all when ``max_faces`` is null or >= n), sorted."""
+    if max_faces is None or max_faces >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_faces])
+
+
+def synthetic_conditions(rows: dict, seed: int):
+    """(faces (N,3,H,W) in [0,1], their ``EvalConditions``) from a slice of a synthetic set; gray faces (mode L)
+    are repeated to three channels, as students get them."""
+    import torchvision.transforms.v2.functional as TF
+
+    from lightning_modules.generation_eval import EvalConditions
+
+    images = torch.stack([TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
+                          for im in rows["image"]])
+    conds = EvalConditions(labels=torch.tensor(rows["target_label"], dtype=torch.long),
+                           aus=torch.tensor(rows["target_aus"], dtype=torch.float32),
+                           au_mask=torch.tensor(rows["au_mask"], dtype=torch.bool),
+                           captions=list(rows["caption"]), seeds=[seed] * len(rows["caption"]))
+    return images, conds
+
+
+def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded real faces of ``split`` (labelled or not) in [0,1], one size: the FID/KID reference."""
+    from lightning_modules.generation_eval import records_to_conditions
+    from lightning_modules.stages.classifier_stage import build_datamodule
+
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit" if split != "test" else "test")
+    records = datamodule.records[split]
+    if len(records) < 2:
+        raise ConfigError("synth_eval.real_split", f"the {split} split has {len(records)} face(s); FID/KID need >= 2")
+    chosen = [records[i] for i in pick(len(records), n, seed)]
+    return records_to_conditions(chosen, seed, num_aus=len(datamodule.vocab)).references
+
+
+def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int], real: Optional[torch.Tensor],
+                 max_faces: Optional[int], seed: int, batch_size: int = 256, au_active_threshold: float = 1.0
+                 ) -> dict:
+    """The judge's scores of (a seeded subset of) ``dataset`` against its conditions + FID/KID against ``real``."""
+    from lightning_modules.generation_eval import (TeacherFeatures, distribution_metrics, fidelity_metrics,
+                                                   teacher_scores)
+
+    indices = pick(len(dataset), max_faces, seed)
+    images, conds = synthetic_conditions(dataset.select(indices)[:], seed)
+    probs, aus = teacher_scores(judge, images, judge_image_size, batch_size, need_aus=conds.has_aus)
+    metrics = fidelity_metrics(probs, aus, conds, au_names, au_active_threshold)
+    metrics["num_samples"] = len(conds)
+    if real is not None:
+        size = images.shape[-1]
+        real = torch.nn.functional.interpolate(real, size=(size, size), mode="bilinear", antialias=True)
+        metrics.update(distribution_metrics(TeacherFeatures(judge, judge_image_size), images, real, batch_size))
+    return metrics
+
+
+def guided_by(cfg: DictConfig, judge: Path) -> bool:
+    """Whether the judge is the classifier that guided the set's synthesis (semantic guidance on)."""
+    g = cfg.synthesis.guidance
+    on = any(float(g[k]) != 0 for k in ("embedding_scale", "classifier_scale", "au_scale"))
+    guide = Path(str(g.classifier))
+    return on and guide.is_file() and guide.resolve() == judge.resolve()
+
+
+def run_synth_eval_stage(cfg: DictConfig) -> dict:
+    from datamodules.labels import parse_au_list
+    from datamodules.synthetic import load_synthetic
+    from lightning_modules.teacher import load_teacher
+
+    se = cfg.synth_eval
+    check_config(se)
+    path = judge_path(cfg)
+    dataset = load_synthetic(str(se.input))
+    out_dir = runtime.stage_dir(cfg, STAGE)
+    digest = done_digest(cfg)
+    if not cfg.get("force", False) and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
+        log.info("synth_eval: %s is already evaluated with this judge and config", se.input)
+        return {"skipped": True}
+    judge = load_teacher(path)
+    vocab = parse_au_list(cfg.data.aus)
+    if int(judge.hparams.num_aus) != len(vocab):
+        raise ConfigError("synth_eval.judge", f"{path} predicts {judge.hparams.num_aus} AUs, data.aus has "
+                                              f"{len(vocab)}")
+    n = len(pick(len(dataset), se.max_faces, int(se.seed)))
+    real = real_faces(cfg, str(se.real_split), n, int(se.seed)) if se.fid else None
+    with torch.no_grad():
+        metrics = evaluate_set(dataset, judge, int(cfg.data.image_size), list(vocab.aus), real, se.max_faces,
+                               int(se.seed), int(se.batch_size), float(se.au_active_threshold))
+    metrics.update(judge=str(path), judge_guided=guided_by(cfg, path), input=str(se.input),
+                   set_size=len(dataset), real_split=str(se.real_split) if se.fid else None)
+    if metrics["judge_guided"]:
+        log.warning("synth_eval: the judge %s also guided this set's synthesis: its FER-Acc overrates the guided "
+                    "faces (name a judge that did not guide: synth_eval.judge)", path)
+    log.info("synth_eval: %d faces of %s: FER-Acc %.3f%s (judge %s)", metrics["num_samples"], se.input,
+             metrics["fer_acc"], f", FID {metrics['fid']:.1f}" if "fid" in metrics else "", path)
+    loggers = runtime.build_loggers(cfg, out_dir, STAGE)
+    try:
+        for lg in loggers:
+            lg.log_metrics({f"synth_eval/{k}": v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    finally:
+        runtime.finish_loggers(loggers)
+    runtime.save_resolved_config(cfg, out_dir)
+    runtime.write_metrics(out_dir, metrics)
+    runtime.mark_done(out_dir, digest)
+    return metrics

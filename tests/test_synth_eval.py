@@ -1,0 +1,93 @@
+"""`stage=synth_eval`: a judge scores a synthetic set against its conditions (FER-Acc, AU r, FID/KID vs real)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from datamodules.errors import DataFileNotFound
+from datamodules.synthetic import load_synthetic
+from lightning_modules.runtime import ConfigError
+from lightning_modules.stages.synth_eval_stage import evaluate_set, pick, synthetic_conditions
+from synthetic_fixtures import write_toy_synthetic_set
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def judge(untrained_teacher_ckpt):
+    from lightning_modules.teacher import load_teacher
+
+    return load_teacher(untrained_teacher_ckpt)
+
+
+def test_pick_is_a_seeded_subset():
+    assert pick(10, None, 0).tolist() == list(range(10)) == pick(10, 50, 0).tolist()
+    a, b, c = pick(100, 20, 1), pick(100, 20, 1), pick(100, 20, 2)
+    assert len(set(a.tolist())) == 20 and a.tolist() == sorted(a.tolist())
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_fer_acc_is_the_judges_agreement_with_the_conditioned_labels(tmp_path, judge):
+    write_toy_synthetic_set(tmp_path / "set", n=24)
+    dataset = load_synthetic(tmp_path / "set")
+    images, conds = synthetic_conditions(dataset[:], seed=0)
+    with torch.no_grad():
+        predicted = judge(torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", antialias=True)
+                          * 2 - 1)["logits"].argmax(-1)
+        metrics = evaluate_set(dataset, judge, 32, list(range(12)), real=images, max_faces=None, seed=0)
+    assert metrics["num_samples"] == 24
+    assert metrics["fer_acc"] == pytest.approx((predicted == conds.labels).float().mean().item())
+    assert "au_pearson_mean" in metrics  # the toy set carries AU targets
+    assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)  # the set against itself
+
+
+def test_fid_grows_against_other_faces(tmp_path, judge):
+    write_toy_synthetic_set(tmp_path / "set", n=24)
+    dataset = load_synthetic(tmp_path / "set")
+    images, _ = synthetic_conditions(dataset[:], seed=0)
+    with torch.no_grad():
+        noise = evaluate_set(dataset, judge, 32, list(range(12)), real=torch.rand(24, 3, 16, 16,
+                             generator=torch.Generator().manual_seed(0)), max_faces=None, seed=0)
+    assert noise["fid"] > 0.1 and noise["kid_mean"] > 0
+
+
+def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_path, untrained_teacher_ckpt):
+    write_toy_synthetic_set(tmp_path / "set", n=16)
+    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
+                   f"synth_eval.judge={untrained_teacher_ckpt}", "synth_eval.max_faces=12", f"synthesis.guidance.classifier={untrained_teacher_ckpt}",
+                   "synthesis.guidance.embedding_scale=1.0")
+    metrics = train.run_stage(cfg)
+    saved = json.loads((Path(cfg.paths.run_dir) / "synth_eval" / "metrics.json").read_text())
+    assert saved["num_samples"] == metrics["num_samples"] == 12 and saved["set_size"] == 16
+    assert saved["judge"] == str(untrained_teacher_ckpt) and saved["judge_guided"] is True
+    assert "fid" in saved and saved["real_split"] == "test"
+    assert train.run_stage(cfg) == {"skipped": True}
+
+
+def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_teacher_ckpt):
+    write_toy_synthetic_set(tmp_path / "set", n=8)
+    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
+                   f"synth_eval.judge={untrained_teacher_ckpt}", "synth_eval.fid=false", f"synthesis.guidance.classifier={tmp_path / 'other.ckpt'}",
+                   "synthesis.guidance.embedding_scale=1.0")
+    metrics = train.run_stage(cfg)
+    assert metrics["judge_guided"] is False and "fid" not in metrics and metrics["real_split"] is None
+
+
+@pytest.mark.parametrize("override, error, key", [
+    ("synth_eval.max_faces=1", ConfigError, "synth_eval.max_faces"),
+    ("synth_eval.real_split=holdout", ConfigError, "synth_eval.real_split"),
+    ("synth_eval.batch_size=0", ConfigError, "synth_eval.batch_size"),
+    ("synth_eval.judge=/nowhere/judge.ckpt", ConfigError, "synth_eval.judge"),
+    ("synth_eval.input=/nowhere/set", DataFileNotFound, "/nowhere/set"),
+])
+def test_bad_settings_name_the_key(tiny_cfg, tmp_path, untrained_teacher_ckpt, override, error, key):
+    write_toy_synthetic_set(tmp_path / "set", n=8)
+    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
+                   f"synth_eval.judge={untrained_teacher_ckpt}", override)
+    with pytest.raises(error, match=key):
+        train.run_stage(cfg)
