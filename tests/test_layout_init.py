@@ -190,10 +190,10 @@ def test_no_real_train_set_is_a_data_error_naming_the_switch(tiny_cfg, generator
 
     empty = tmp_path / "no_faces"
     empty.mkdir()
-    overrides = [*_overrides(generator_dir, "enabled=true"), "data=imagefolder", f"data.root={empty}", "data.protocol=8"]
+    data = ["data=imagefolder", f"data.root={empty}", "data.protocol=8"]
     with pytest.raises(DataError, match=r"synthesis\.layout_init\.enabled=true draws its source faces"):
-        checked_plan(tiny_cfg(*overrides))
-    checked_plan(tiny_cfg(*overrides[:-3], *overrides[-2:]))  # layout off: a fixed-size plan needs no real face
+        checked_plan(tiny_cfg(*_overrides(generator_dir, "enabled=true"), *data))
+    assert checked_plan(tiny_cfg(*_overrides(generator_dir), *data))[0].layout is None  # off: no real face needed
 
 
 def test_fingerprint_follows_the_layout_settings_only_when_on(tiny_cfg, generator_dir):

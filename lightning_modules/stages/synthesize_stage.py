@@ -101,12 +101,20 @@ def synthesis_guidance(cfg: DictConfig):
     return semantic_guidance(cfg.synthesis.guidance, "synthesis.guidance")
 
 
-def real_train(cfg: DictConfig):
-    """The real datamodule, set up: its ``records["train"]`` is the labelled train subset (``data.train_limit``)."""
+def real_train(cfg: DictConfig, layout=None):
+    """The real datamodule, set up: its ``records["train"]`` is the labelled train subset (``data.train_limit``).
+    With layout initialisation on, an unreadable or empty real train set names that switch too."""
+    from datamodules.errors import DataError
     from lightning_modules.stages.classifier_stage import build_datamodule
 
     datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")
+    try:
+        datamodule.setup("fit")
+    except DataError as err:
+        if layout is None or not layout.enabled:
+            raise
+        raise type(err)(f"synthesis.layout_init.enabled=true draws its source faces from the real train set "
+                        f"(data.*), which cannot be read: {err}") from err
     return datamodule
 
 
@@ -226,7 +234,7 @@ def checked_plan(cfg: DictConfig):
     plan_cfg, layout = plan_config(cfg), layout_config(cfg)
     vocab = parse_au_list(cfg.data.aus)
     captioner = plan_captioner(cfg, plan_cfg)
-    datamodule = real_data(cfg, layout) if needs_real_data(plan_cfg, layout) else None
+    datamodule = real_train(cfg, layout) if needs_real_data(plan_cfg, layout) else None
     real = real_stats(cfg, datamodule) if needs_real_data(plan_cfg) else None
     try:
         size = plan_size(plan_cfg, real)
@@ -236,19 +244,6 @@ def checked_plan(cfg: DictConfig):
     if layout.enabled:
         attach_layout_sources(plan, layout, datamodule)
     return plan, size, synthesis_fingerprint(cfg, plan_cfg, size, plan.captioner)
-
-
-def real_data(cfg: DictConfig, layout):
-    """``real_train``; with layout initialisation a missing or empty real train set names that switch too."""
-    from datamodules.errors import DataError
-
-    if not layout.enabled:
-        return real_train(cfg)
-    try:
-        return real_train(cfg)
-    except DataError as err:
-        raise type(err)(f"synthesis.layout_init.enabled=true draws its source faces from the real train set "
-                        f"(data.*), which cannot be read: {err}") from err
 
 
 def attach_layout_sources(plan, layout, datamodule) -> None:
