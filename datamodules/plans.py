@@ -8,6 +8,8 @@ A plan is a deterministic table with one row per synthetic sample:
     target_aus    (A,) AU intensities in the vocabulary's order, 0..5
     au_mask       (A,) which target AUs are defined (False = unknown, value 0)
     caption       text prompt
+    layout_source sample_id of the real face the row starts from (only with layout initialisation,
+                  ``attach_layout``; datamodules/layout_sources.py)
 
 Plans reach 5x AffectNet (~1.4 M rows), so only the label column is precomputed; every other column is computed
 on demand by ``ConditionPlan.rows``. Two rules make that safe:
@@ -209,6 +211,13 @@ class ConditionPlan:
         if config.au_source == "real_stats":
             self._check_real(real)
         self._candidates = self._caption_candidates(prompts)
+        self.layout = None  # LayoutSources: the real face each row starts from (layout initialisation)
+
+    def attach_layout(self, sources) -> None:
+        """Give every row a layout source (``LayoutSources`` built over this plan's labels)."""
+        if len(sources) != len(self):
+            raise ValueError(f"layout sources cover {len(sources)} rows, the plan has {len(self)}")
+        self.layout = sources
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -273,6 +282,8 @@ class ConditionPlan:
             out["target_aus"].append([float(v) for v in aus])
             out["au_mask"].append([bool(m) for m in mask])
             out["caption"].append(self._caption(label, aus, mask, caption_rng))
+        if self.layout is not None:
+            out["layout_source"] = self.layout.source_ids(indices)
         return out
 
     def _target_aus(self, label: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -62,7 +62,10 @@ class PlanBatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         b = self.batches[index]
-        return {"chunk": b.chunk, "last_in_chunk": b.last_in_chunk, **self.plan.rows(range(b.start, b.stop))}
+        item = {"chunk": b.chunk, "last_in_chunk": b.last_in_chunk, **self.plan.rows(range(b.start, b.stop))}
+        if getattr(self.plan, "layout", None) is not None:  # layout initialisation: the rows' real faces, decoded here
+            item["init_images"] = self.plan.layout.images(range(b.start, b.stop))
+        return item
 
 
 class SynthesisDataModule(L.LightningDataModule):

@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 class SynthesisModule(L.LightningModule):
     """Wraps a ``SynFERPipeline``: its torch parts are registered as children so the Trainer places them on the
     rank's device. ``sample`` = the pipeline call settings (sampler, steps, text_scale, au_scale, label_scale, ...).
-    A label-conditioned pipeline gets each face's planned expression (``target_label``) as its class condition."""
+    A label-conditioned pipeline gets each face's planned expression (``target_label``) as its class condition.
+    ``layout_strength``: layout initialisation on; each batch then carries its rows' real faces (``init_images``),
+    DDIM-inverted to that fraction of the trajectory before the remaining steps are sampled."""
 
-    def __init__(self, pipe, sample: dict[str, Any], guidance=None, guide: Optional[nn.Module] = None):
+    def __init__(self, pipe, sample: dict[str, Any], guidance=None, guide: Optional[nn.Module] = None,
+                 layout_strength: Optional[float] = None):
         super().__init__()
         self.pipe = pipe
         self.unet, self.text_encoder, self.vae = pipe.unet, pipe.text_encoder, pipe.vae
@@ -47,6 +50,7 @@ class SynthesisModule(L.LightningModule):
         if pipe.null_class is None:  # a label scale means nothing to a pipeline without class labels
             settings.pop("label_scale", None)
         self.call_kwargs = {"num_inference_steps": int(settings.pop("steps", 25)), **settings}
+        self.layout_strength = layout_strength
         self.requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
 
@@ -60,6 +64,10 @@ class SynthesisModule(L.LightningModule):
                      "labels": torch.tensor(batch["target_label"], dtype=torch.long)}
         if self.pipe.null_class is not None:  # the planned expression is the class condition
             extra["class_labels"] = torch.tensor(batch["target_label"], dtype=torch.long)
+        if self.layout_strength is not None:
+            if "init_images" not in batch:
+                raise RuntimeError("layout initialisation is on but the plan batch carries no source faces")
+            extra.update(init_images=batch["init_images"], init_strength=self.layout_strength)
         images = self.pipe(list(batch["caption"]), aus=aus, au_mask=au_mask, seeds=list(batch["seed"]),
                            batch_size=n, progress=False, **self.call_kwargs, **extra).images
         return {"images": images.cpu()}
@@ -95,13 +103,17 @@ def png_bytes(images: torch.Tensor, color_mode: str = "rgb") -> list[dict]:
     return cells
 
 
-def shard_features(num_aus: int):
+def shard_features(num_aus: int, layout: bool = False):
+    """``layout``: the set was made with layout initialisation; each row names its source face."""
     from datasets import Features, Image, Sequence, Value
 
-    return Features({"image": Image(), "sample_id": Value("string"), "seed": Value("int64"),
-                     "target_label": Value("int64"), "target_aus": Sequence(Value("float32"), length=num_aus),
-                     "au_mask": Sequence(Value("bool"), length=num_aus), "caption": Value("string"),
-                     "guidance": Value("string")})
+    columns = {"image": Image(), "sample_id": Value("string"), "seed": Value("int64"),
+               "target_label": Value("int64"), "target_aus": Sequence(Value("float32"), length=num_aus),
+               "au_mask": Sequence(Value("bool"), length=num_aus), "caption": Value("string"),
+               "guidance": Value("string")}
+    if layout:
+        columns["layout_source"] = Value("string")
+    return Features(columns)
 
 
 class ShardWriter(BasePredictionWriter):
@@ -111,10 +123,11 @@ class ShardWriter(BasePredictionWriter):
     COLUMNS = ("sample_id", "seed", "target_label", "target_aus", "au_mask", "caption")
 
     def __init__(self, output_dir: Path, stats_dir: Path, guidance_json: str, num_aus: int, total_images: int,
-                 progress: bool = True):
+                 progress: bool = True, layout: bool = False):
         super().__init__(write_interval="batch")
         self.output_dir, self.stats_dir = Path(output_dir), Path(stats_dir)
-        self.guidance_json, self.features = guidance_json, shard_features(num_aus)
+        self.guidance_json, self.features = guidance_json, shard_features(num_aus, layout)
+        self.columns = (*self.COLUMNS, "layout_source") if layout else self.COLUMNS
         self.total_images, self.progress = int(total_images), progress
         self.buffer: dict[str, list] = {}
         self.images = self.shards = 0
@@ -130,7 +143,7 @@ class ShardWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        rows = {c: list(batch[c]) for c in self.COLUMNS}
+        rows = {c: list(batch[c]) for c in self.columns}
         color_mode = getattr(pl_module, "color_mode", "rgb")
         rows["image"] = png_bytes(prediction["images"], color_mode)
         rows["guidance"] = [self.guidance_json] * len(rows["sample_id"])

@@ -1,5 +1,6 @@
 """`stage=synthesize`: ``trainer.predict`` of the trained generator over a condition plan (datamodules/plans.py),
-with semantic guidance as configured, streamed into a sharded synthetic set (HF datasets + manifest).
+with semantic guidance and layout initialisation (``synthesis.layout_init``: each face starts from the DDIM inversion
+of a real train face) as configured, streamed into a sharded synthetic set (HF datasets + manifest).
 
 Resumable and deterministic: chunks already in the manifest are skipped, a shard damaged by a kill is redone, and
 every face has its own seed and a fixed batch, so the set does not depend on how many processes made it. The
@@ -59,8 +60,21 @@ def plan_captioner(cfg: DictConfig, plan=None):
     return builder
 
 
-def needs_real_data(plan) -> bool:
-    return (plan.scale is not None or plan.au_source == "real_stats"
+def layout_config(cfg: DictConfig):
+    """``synthesis.layout_init`` checked (absent = off); a bad value is a ConfigError naming its key."""
+    from datamodules.layout_sources import LayoutConfig, LayoutConfigError
+
+    values = OmegaConf.to_container(cfg.synthesis.get("layout_init") or OmegaConf.create({}), resolve=True)
+    try:
+        return LayoutConfig(**values)
+    except LayoutConfigError as err:
+        raise ConfigError(f"synthesis.layout_init.{err.field}", str(err)) from err
+    except TypeError as err:  # an unknown key
+        raise ConfigError("synthesis.layout_init", str(err)) from err
+
+
+def needs_real_data(plan, layout=None) -> bool:
+    return (plan.scale is not None or plan.au_source == "real_stats" or (layout is not None and layout.enabled)
             or (isinstance(plan.class_distribution, str) and plan.class_distribution in ("real", "fill_rare")))
 
 
@@ -74,6 +88,7 @@ def check_synthesis_config(cfg: DictConfig) -> None:
     require(int(syn.num_workers) >= 0, "synthesis.num_workers", f"must be >= 0, got {syn.num_workers}")
     check_sample_settings(cfg)
     plan_config(cfg)
+    layout_config(cfg)
     guidance = synthesis_guidance(cfg)
     if guidance.enabled:
         require(Path(str(syn.guidance.classifier)).is_file(), "synthesis.guidance.classifier",
@@ -86,13 +101,28 @@ def synthesis_guidance(cfg: DictConfig):
     return semantic_guidance(cfg.synthesis.guidance, "synthesis.guidance")
 
 
-def real_stats(cfg: DictConfig):
-    """Class counts and per-class AU statistics of the real train split (for scale / real / fill_rare plans)."""
-    from datamodules.plans import RealStats
+def real_train(cfg: DictConfig, layout=None):
+    """The real datamodule, set up: its ``records["train"]`` is the labelled train subset (``data.train_limit``).
+    With layout initialisation on, an unreadable or empty real train set names that switch too."""
+    from datamodules.errors import DataError
     from lightning_modules.stages.classifier_stage import build_datamodule
 
     datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")
+    try:
+        datamodule.setup("fit")
+    except DataError as err:
+        if layout is None or not layout.enabled:
+            raise
+        raise type(err)(f"synthesis.layout_init.enabled=true draws its source faces from the real train set "
+                        f"(data.*), which cannot be read: {err}") from err
+    return datamodule
+
+
+def real_stats(cfg: DictConfig, datamodule=None):
+    """Class counts and per-class AU statistics of the real train split (for scale / real / fill_rare plans)."""
+    from datamodules.plans import RealStats
+
+    datamodule = datamodule if datamodule is not None else real_train(cfg)
     train = datamodule.records["train"]
     num_aus = len(datamodule.vocab)
     labels = np.array([r.label for r in train])
@@ -106,12 +136,15 @@ def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int, captioner) -> s
     syn = runtime.location_free(OmegaConf.to_container(cfg.synthesis, resolve=True), runtime.run_dir_of(cfg))
     for key in NOT_FINGERPRINTED:
         syn.pop(key, None)
+    layout = layout_config(cfg)
+    if not layout.enabled:  # settings of a switched-off step change no byte (and sets made before it keep theirs)
+        syn.pop("layout_init", None)
     parts = {"synthesis": syn, "plan_size": plan_size,
              "captions": {**captioner.settings(), "name_aus": captioner.name_aus},
              "generator": runtime.path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
     if synthesis_guidance(cfg).enabled:
         parts["guide"] = runtime.path_fingerprint(Path(str(cfg.synthesis.guidance.classifier)))
-    if needs_real_data(plan):
+    if needs_real_data(plan, layout):  # layout sources are real faces too
         parts["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -198,16 +231,32 @@ def checked_plan(cfg: DictConfig):
     from datamodules.plans import build_plan, plan_size
 
     check_synthesis_config(cfg)
-    plan_cfg = plan_config(cfg)
+    plan_cfg, layout = plan_config(cfg), layout_config(cfg)
     vocab = parse_au_list(cfg.data.aus)
     captioner = plan_captioner(cfg, plan_cfg)
-    real = real_stats(cfg) if needs_real_data(plan_cfg) else None
+    datamodule = real_train(cfg, layout) if needs_real_data(plan_cfg, layout) else None
+    real = real_stats(cfg, datamodule) if needs_real_data(plan_cfg) else None
     try:
         size = plan_size(plan_cfg, real)
         plan = build_plan(plan_cfg, protocol_classes(int(cfg.data.protocol)), vocab, real, captioner=captioner)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError("synthesis.plan", str(err)) from err
+    if layout.enabled:
+        attach_layout_sources(plan, layout, datamodule)
     return plan, size, synthesis_fingerprint(cfg, plan_cfg, size, plan.captioner)
+
+
+def attach_layout_sources(plan, layout, datamodule) -> None:
+    """Give every plan row its source face. Sources come from the labelled train subset (``data.train_limit``)
+    only, for ``any`` as for ``per_class`` (which needs the labels): in a low-data run the faces outside the subset
+    are withheld from teachers and students, so a synthetic set must not bring their layouts in either, and
+    switching ``source`` then changes the pairing, never the pool. Val and test faces are never sources."""
+    from datamodules.layout_sources import LayoutConfigError, LayoutSources
+
+    try:
+        plan.attach_layout(LayoutSources(layout, plan.labels, datamodule.records["train"]))
+    except LayoutConfigError as err:
+        raise ConfigError(f"synthesis.layout_init.{err.field}", str(err)) from err
 
 
 def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> dict:
@@ -233,10 +282,13 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
 
     # Everything that can fail on a bad config is built before an earlier set or its metrics are touched.
     pipe, guidance, guide = load_synthesizer(cfg, vocab)
-    module = _synthesis_module(pipe, cfg, guidance, guide)
+    layout = plan.layout
+    module = _synthesis_module(pipe, cfg, guidance, guide, None if layout is None else layout.config.strength)
+    if layout is not None:  # sources are inverted by this generator: its resolution, the colours it learned
+        layout.at_resolution(int(pipe.config.image_size), module.color_mode)
     datamodule = SynthesisDataModule(plan, dataset_dir, int(syn.chunk_size), int(syn.batch_size),
                                      int(syn.num_workers))
-    writer = _writer(cfg, dataset_dir, out_dir, guidance, len(vocab), size)
+    writer = _writer(cfg, dataset_dir, out_dir, guidance, len(vocab), size, layout)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
     trainer_args.update(use_distributed_sampler=False, enable_progress_bar=False,
@@ -300,20 +352,24 @@ def check_sample_settings(cfg: DictConfig) -> None:
     require(int(sample.get("steps", 25)) >= 1, "synthesis.sample.steps", f"must be >= 1, got {sample.get('steps')}")
 
 
-def _synthesis_module(pipe, cfg: DictConfig, guidance, guide):
+def _synthesis_module(pipe, cfg: DictConfig, guidance, guide, layout_strength=None):
     from lightning_modules.synthesis import SynthesisModule
 
     check_sample_settings(cfg)
-    return SynthesisModule(pipe, OmegaConf.to_container(cfg.synthesis.sample, resolve=True), guidance, guide)
+    return SynthesisModule(pipe, OmegaConf.to_container(cfg.synthesis.sample, resolve=True), guidance, guide,
+                           layout_strength)
 
 
-def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int):
+def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int, layout=None):
+    """Each row's ``guidance`` cell: the sampling, guidance and (when on) layout settings it was made with."""
     from lightning_modules.synthesis import ShardWriter
 
     settings = {"guidance": OmegaConf.to_container(cfg.synthesis.guidance, resolve=True) if guidance.enabled
                 else None, "sample": OmegaConf.to_container(cfg.synthesis.sample, resolve=True)}
+    if layout is not None:
+        settings["layout_init"] = layout.config.settings()
     return ShardWriter(dataset_dir, out_dir / "stats", json.dumps(settings, sort_keys=True), num_aus, remaining,
-                       progress=bool(cfg.synthesis.progress))
+                       progress=bool(cfg.synthesis.progress), layout=layout is not None)
 
 
 def finalize(dataset_dir: Path, out_dir: Path, plan, size: int, seconds: float, world_size: int) -> dict:
@@ -334,8 +390,9 @@ def finalize(dataset_dir: Path, out_dir: Path, plan, size: int, seconds: float, 
     made = sum(s["images"] for s in stats)
     per_device = {f"rank{s['rank']}": s["images"] / s["seconds"] if s["seconds"] > 0 else None for s in stats}
     counts = np.bincount(np.asarray(plan.labels[:size]), minlength=int(plan.labels.max()) + 1).tolist()
-    update_manifest(dataset_dir, complete=True, count=size, class_counts=counts)
-    summary = {"images": size, "generated_now": made, "seconds": seconds, "world_size": world_size,
+    layout = {"layout_init": plan.layout.summary()} if plan.layout is not None else {}
+    update_manifest(dataset_dir, complete=True, count=size, class_counts=counts, **layout)
+    summary = {**layout, "images": size, "generated_now": made, "seconds": seconds, "world_size": world_size,
                "images_per_second": made / seconds if seconds > 0 else None,
                "images_per_second_per_device": per_device, "dataset": str(dataset_dir),
                "class_counts": counts}
