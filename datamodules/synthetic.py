@@ -34,6 +34,7 @@ from datamodules.transforms import check_color_mode, eval_transform, gray_tensor
 MANIFEST = "manifest.json"
 FORMAT = "synfer-synthetic/1"
 REQUIRED_COLUMNS = ("image", "sample_id", "target_label", "target_aus", "au_mask", "caption")
+PROVENANCE_COLUMNS = ("layout_source", "guidance", "seed")  # where a face came from; no reader's label depends on it
 
 
 def to_pil(images: torch.Tensor, color_mode: str = "rgb") -> list[Image.Image]:
@@ -232,11 +233,24 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
             parts.append(open_shard(directory, shard, manifest))
     if not parts:
         raise DataError(f"no shards in {list(map(str, directories))}")
-    dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    dataset = concatenate_datasets(common_columns(parts, directories)) if len(parts) > 1 else parts[0]
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise DataError(f"synthetic set {list(map(str, directories))} lacks columns {missing}")
     return dataset
+
+
+def common_columns(parts: list, directories: Sequence[str | Path]) -> list:
+    """Shards of several sets, reduced to the columns they share when only provenance differs (one set made with
+    layout initialisation records ``layout_source``); any other difference (e.g. relabelled with unrelabelled sets:
+    the labels students read would differ per set) is a DataError naming the sets."""
+    names = [set(p.column_names) for p in parts]
+    shared = set.intersection(*names)
+    differing = set.union(*names) - shared
+    if differing - set(PROVENANCE_COLUMNS):
+        raise DataError(f"the synthetic sets {list(map(str, directories))} have different columns "
+                        f"{sorted(differing - set(PROVENANCE_COLUMNS))}: mix sets of one kind (all relabelled or none)")
+    return [p.remove_columns(sorted(set(p.column_names) - shared)) for p in parts] if differing else parts
 
 
 class SyntheticFERDataset(torch.utils.data.Dataset):

@@ -450,3 +450,18 @@ def test_unreadable_real_faces_are_counted_in_the_mixed_summary(sets, tmp_path):
     real_served = [s for s in served if not s.startswith("syn-")]
     assert len(real_served) == len(set(real_served)) == n_real - 2
     assert dm.summary()["skipped"] == {"train/corrupt_image": 2}
+
+
+def test_sets_that_differ_only_in_provenance_join_others_are_refused(tmp_path):
+    from datamodules.errors import DataError
+    from datamodules.synthetic import load_synthetic, write_dataset
+    from synthetic_fixtures import write_toy_synthetic_set
+
+    write_toy_synthetic_set(tmp_path / "plain", n=8)
+    plain = load_synthetic(tmp_path / "plain")
+    write_dataset(tmp_path / "layout", plain.add_column("layout_source", ["real-1"] * len(plain)))
+    joined = load_synthetic([tmp_path / "plain", tmp_path / "layout"])
+    assert len(joined) == 16 and "layout_source" not in joined.column_names
+    write_dataset(tmp_path / "relabelled", plain.add_column("final_label", [0] * len(plain)))
+    with pytest.raises(DataError, match="final_label"):
+        load_synthetic([tmp_path / "plain", tmp_path / "relabelled"])

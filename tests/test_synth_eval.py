@@ -91,3 +91,4 @@ def test_bad_settings_name_the_key(tiny_cfg, tmp_path, untrained_teacher_ckpt, o
                    f"synth_eval.judge={untrained_teacher_ckpt}", override)
     with pytest.raises(error, match=key):
         train.run_stage(cfg)
+
