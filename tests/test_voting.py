@@ -174,7 +174,8 @@ def test_data_card_markdown_shows_names_and_numbers():
     for name in NAMES:
         assert name in md
     for text in ("6 total", "4 kept (66.7%)", "2 dropped (33.3%)", "3 hard, 1 soft (25.0% soft)",
-                 "50.0% of kept", "66.7% of all", "the teachers (the conditioned label does not vote); all agree: 66.7%",
+                 "50.0% of kept", "66.7% of all",
+                 "the teachers (the conditioned label does not vote); all agree: 66.7%",
                  "| all voters agree: hard label | 3 | 50.0% |", "| voters disagree: soft label",
                  "| 1 | 16.7% |", "| dropped: mean confidence below the threshold | 2 | 33.3% |",
                  "| neutral | 2 | 1 | -1 | 2 (100.0%) | 0 (0.0%) | 0 (0.0%) |",

@@ -1,7 +1,8 @@
 """`stage=pipeline`: teacher -> (judge) -> generator -> synthesize -> FERAnno -> relabel -> students -> report inside
 one run folder, handing artifacts over by path. The judge is a second teacher (another seed) that scores the
-generator's faces when ``generator.eval.judge=separate``, so the classifier that guides sampling does not judge it. A stage whose outputs exist for the same config and the same inputs is
-skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
+generator's faces when ``generator.eval.judge=separate``, so the classifier that guides sampling does not judge it.
+A stage whose outputs exist for the same config and the same inputs is skipped, so a killed pipeline resumes where
+it stopped (``force=true`` reruns everything).
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
 ``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
