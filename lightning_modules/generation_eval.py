@@ -9,6 +9,11 @@
 - Reference: the same numbers on the real faces behind the conditions, passed through the generator's
   resolution, so a gap is the generator's and not the teacher's.
 
+The judge (the scoring teacher) should not be the classifier that guided sampling: semantic guidance pushes faces
+towards what that one classifier calls the target, so it overrates guided faces. ``resolve_judge`` picks it
+(``separate``: a teacher trained apart, ``guide``: the guiding classifier, or a checkpoint) and ``judge_record``
+names it in the metrics, with whether it also guided.
+
 A condition's caption is its record's, or, for a face without one, the generator's caption builder's (as in
 training).
 
@@ -18,10 +23,12 @@ without an AU request, FER-Acc and FID/KID are reported as usual and the AU metr
 """
 from __future__ import annotations
 
+import filecmp
 import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +44,46 @@ from datamodules.caption_builder import CaptionBuilder, caption_records
 from datamodules.labels import EXPRESSIONS
 
 AU_METRICS_SKIPPED = "no AU labels in the data"
+JUDGE = "judge"  # the separate judge's output folder and checkpoint name: <run>/judge/judge.ckpt
+JUDGE_MODES = ("separate", "guide")  # or a checkpoint path
+
+
+@dataclass(frozen=True)
+class Judge:
+    mode: str           # separate | guide | path
+    checkpoint: Path
+    guide: Path         # the classifier that guides semantic guidance
+
+    @property
+    def is_guide(self) -> bool:
+        """The judge is the guiding classifier: the same file, or one with the same bytes."""
+        if self.mode == "guide":
+            return True
+        if not (self.checkpoint.is_file() and self.guide.is_file()):
+            return False
+        return (self.checkpoint.resolve() == self.guide.resolve()
+                or filecmp.cmp(self.checkpoint, self.guide, shallow=False))
+
+
+def resolve_judge(judge: str, run_dir, guide) -> Judge:
+    """``judge``: ``separate`` (``<run_dir>/judge/judge.ckpt``), ``guide`` (the guiding classifier ``guide``) or a
+    teacher checkpoint path."""
+    judge = str(judge).strip()
+    if not judge:
+        raise ValueError(f"the judge must be one of {JUDGE_MODES} or a checkpoint path, got an empty value")
+    if judge == "separate":
+        return Judge("separate", Path(run_dir) / JUDGE / f"{JUDGE}.ckpt", Path(str(guide)))
+    if judge == "guide":
+        return Judge("guide", Path(str(guide)), Path(str(guide)))
+    return Judge("path", Path(judge), Path(str(guide)))
+
+
+def judge_record(judge: Judge, guided: bool) -> dict:
+    """What the metrics say about their judge: its checkpoint, how it was chosen, whether it is the guiding
+    classifier and whether it guided the faces it scored (``guided``: semantic guidance was on)."""
+    is_guide = judge.is_guide
+    return {"judge": str(judge.checkpoint), "judge_mode": judge.mode, "judge_is_guide": is_guide,
+            "judge_also_guided": bool(is_guide and guided)}
 
 
 @dataclass

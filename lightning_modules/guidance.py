@@ -96,6 +96,9 @@ class SemanticGuidance:
 
     - ``embedding_scale`` (λ_g, the paper's SG): ``c_text ← c_text − λ_g·∇L/‖∇L‖`` with L the cross-entropy of a
       frozen FER classifier on x̂0 against the target expression; the update carries over to later steps.
+      ``‖∇L‖`` is the norm of a sample's whole gradient over all its text tokens, as in the paper; ``per_token``
+      normalises each token's gradient on its own instead (every token then moves by λ_g, however little it
+      mattered to the loss).
     - ``classifier_scale``: classic classifier guidance on x_t through x̂0 (the diffusers CLIP-guided template:
       ``ε ← ε + sqrt(1−ᾱ_t)·∇_x L``).
     - ``au_scale``: the same on x_t with L = MSE between the classifier's AU head on x̂0 and the requested AUs.
@@ -106,7 +109,7 @@ class SemanticGuidance:
     classifier_scale: float = 0.0
     au_scale: float = 0.0
     window: tuple[float, float] = (0.6, 1.0)
-    per_token: bool = True
+    per_token: bool = False
 
     def __post_init__(self):
         for name in ("embedding_scale", "classifier_scale", "au_scale"):
@@ -135,8 +138,8 @@ def guidance_window(num_steps: int, start: float, end: float) -> list[bool]:
     return [start < (i + 1) / num_steps <= end for i in range(num_steps)]
 
 
-def normalized_gradient(grad: torch.Tensor, per_token: bool = True, eps: float = 1e-12) -> torch.Tensor:
-    """∇/‖∇‖ per token (norm over the last dim) or per sample (norm over all but the batch dim)."""
+def normalized_gradient(grad: torch.Tensor, per_token: bool = False, eps: float = 1e-12) -> torch.Tensor:
+    """∇/‖∇‖ per sample (norm over all but the batch dim; the default) or per token (norm over the last dim)."""
     if per_token:
         norm = grad.norm(dim=-1, keepdim=True)
     else:
@@ -144,9 +147,10 @@ def normalized_gradient(grad: torch.Tensor, per_token: bool = True, eps: float =
     return grad / norm.clamp_min(eps)
 
 
-def embedding_guidance_step(embedding: torch.Tensor, grad: torch.Tensor, scale: float, per_token: bool = True
+def embedding_guidance_step(embedding: torch.Tensor, grad: torch.Tensor, scale: float, per_token: bool = False
                             ) -> torch.Tensor:
-    """The paper's SG update ``c ← c − λ·∇L/‖∇L‖``: every token (or sample) moves by exactly λ against ∇L."""
+    """The paper's SG update ``c ← c − λ·∇L/‖∇L‖``: every sample (``per_token``: every token) moves by exactly λ
+    against ∇L."""
     return embedding - scale * normalized_gradient(grad, per_token)
 
 

@@ -23,6 +23,7 @@ TINY = [
     "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
     "generator.max_steps=2", "generator.batch_size=16", "generator.grids.seeds=2", "generator.grids.au_levels=[0,5]",
     "generator.model.sample.steps=2", "generator.eval.per_class=2",
+    "generator.eval.judge=guide",  # the teacher judges too: no second teacher per test (tests/test_judge.py: separate)
 ]
 
 

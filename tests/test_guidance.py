@@ -195,18 +195,41 @@ def test_semantic_guidance_switches():
     assert SemanticGuidance(au_scale=1.0).latent_enabled
 
 
-def test_embedding_step_moves_every_token_by_lambda_against_the_gradient():
+def test_embedding_step_moves_every_sample_by_lambda_against_its_whole_gradient():
     g = torch.Generator().manual_seed(0)
     c = torch.randn(2, 5, 8, generator=g)
     grad = torch.randn(2, 5, 8, generator=g) * torch.tensor([1e-4, 1.0, 30.0, 2.0, 0.5])[None, :, None]
-    new = embedding_guidance_step(c, grad, 0.7)
-    step = c - new
-    assert torch.allclose(step.norm(dim=-1), torch.full((2, 5), 0.7), atol=1e-5)  # norm: exactly λ per token
-    cos = torch.nn.functional.cosine_similarity(step, grad, dim=-1)
-    assert torch.allclose(cos, torch.ones(2, 5), atol=1e-5)                      # sign: along +∇, subtracted
-    # per-sample normalisation: the whole sample moves by λ
-    per_sample = c - embedding_guidance_step(c, grad, 0.7, per_token=False)
-    assert torch.allclose(per_sample.flatten(1).norm(dim=1), torch.full((2,), 0.7), atol=1e-5)
+    step = c - embedding_guidance_step(c, grad, 0.7)                             # the default: the paper's norm
+    assert torch.allclose(step.flatten(1).norm(dim=1), torch.full((2,), 0.7), atol=1e-5)  # λ per sample
+    cos = torch.nn.functional.cosine_similarity(step.flatten(1), grad.flatten(1), dim=-1)
+    assert torch.allclose(cos, torch.ones(2), atol=1e-5)                         # along +∇ as a whole, subtracted
+    # tokens keep their share of the gradient: a token moves λ·‖∇token‖/‖∇sample‖ (the tiny-gradient one barely)
+    share = grad.norm(dim=-1) / grad.flatten(1).norm(dim=1, keepdim=True)
+    assert torch.allclose(step.norm(dim=-1), 0.7 * share, atol=1e-6)
+    assert (step.norm(dim=-1)[:, 0] < 1e-4).all()
+    # per-token normalisation (the option): every token moves by exactly λ, whatever its share
+    per_token = c - embedding_guidance_step(c, grad, 0.7, per_token=True)
+    assert torch.allclose(per_token.norm(dim=-1), torch.full((2, 5), 0.7), atol=1e-5)
+    assert torch.allclose(torch.nn.functional.cosine_similarity(per_token, grad, dim=-1), torch.ones(2, 5), atol=1e-5)
+
+
+def test_sg_normalises_the_whole_gradient_by_default():
+    assert SemanticGuidance().per_token is False
+    grad = torch.tensor([[[3.0, 0.0], [0.0, 4.0]]])
+    assert torch.allclose(normalized_gradient(grad), grad / 5.0)
+    assert torch.allclose(normalized_gradient(grad, per_token=True), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+
+
+@pytest.mark.parametrize("overrides", [[], ["generator=sd"]])
+def test_configs_default_to_the_whole_gradient_norm(tmp_path, overrides):
+    from conftest import compose
+    from lightning_modules.stages.generator_stage import semantic_guidance
+
+    cfg = compose(overrides, tmp_path)
+    assert cfg.generator.guidance.per_token is False and cfg.synthesis.guidance.per_token is False
+    assert semantic_guidance(cfg.synthesis.guidance).per_token is False
+    on = compose([*overrides, "generator.guidance.per_token=true"], tmp_path)
+    assert semantic_guidance(on.synthesis.guidance, "synthesis.guidance").per_token is True
 
 
 def test_normalized_gradient_of_zero_stays_zero():

@@ -112,6 +112,23 @@ def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_se
     assert "condition" in (out / "data_card.md").read_text().lower()
     assert card["kept"] > 0
     assert metrics["data_card"]["total"] == N_FACES
+    # the conditioned label voted (the default), with weight 1 next to the two teachers' 1 each: the stored labels
+    # are that vote on the stored probabilities, and the card counts every face under exactly one rule
+    from lightning_modules.voting import ensemble_vote
+
+    assert card["condition_voter"] == {"enabled": True, "weight": 1.0}
+    cond = torch.tensor(relabelled["target_label"])
+    probs = torch.stack([torch.tensor(relabelled["probs/feranno"]), torch.tensor(relabelled["probs/teacher"])])
+    vote = ensemble_vote(probs, 0.0, condition=cond, condition_weight=1.0)
+    assert relabelled["final_label"] == vote.final_label.tolist()
+    assert relabelled["voters_agree"] == vote.voters_agree.tolist()
+    assert torch.allclose(torch.tensor(relabelled["soft_label"]), vote.soft_label.float(), atol=1e-6)
+    teachers_on_cond = (probs.argmax(-1) == cond).all(0)
+    assert card["hard"] == int(teachers_on_cond.sum()) and card["hard"] + card["soft"] + card["dropped"] == N_FACES
+    assert card["hard_share"] == pytest.approx(card["hard"] / N_FACES)
+    assert [r["hard"] + r["soft"] + r["dropped"] for r in card["per_class"]] == [r["before"] for r in card["per_class"]]
+    assert read_manifest(out / "dataset")["meta"]["condition_voter"] == {"enabled": True, "weight": 1.0}
+    assert "| all voters agree: hard label |" in (out / "data_card.md").read_text()
     # the reader serves kept faces only, with the relabelled (soft) labels
     kept = SyntheticFERDataset(relabelled, 32, 8)
     assert len(kept) == card["kept"]
@@ -129,7 +146,49 @@ def test_relabel_threshold_one_drops_but_keeps_every_row(tiny_cfg, voters, synth
     assert len(relabelled) == N_FACES and not any(relabelled["kept"])
 
 
+@pytest.mark.parametrize("weight", [0.0, "off"])
+def test_relabel_without_the_condition_voter_is_the_teachers_vote(tiny_cfg, voters, synthetic_set, weight):
+    from lightning_modules.stages.relabel_stage import card_metrics, run_relabel_stage
+    from lightning_modules.voting import ensemble_vote
+
+    directory, _ = synthetic_set
+    switch = "relabel.condition_voter.enabled=false" if weight == "off" else f"relabel.condition_voter.weight={weight}"
+    cfg = tiny_cfg(*_relabel_overrides(directory, voters), switch)
+    card = run_relabel_stage(cfg)["data_card"]
+    relabelled = load_synthetic(Path(cfg.paths.run_dir) / "relabel" / "dataset")
+    probs = torch.stack([torch.tensor(relabelled["probs/feranno"]), torch.tensor(relabelled["probs/teacher"])])
+    teachers = ensemble_vote(probs, 0.0)
+    assert relabelled["final_label"] == teachers.final_label.tolist()
+    assert card["hard"] == int(teachers.voters_agree.sum())
+    assert card["condition_voter"] == ({"enabled": False, "weight": None} if weight == "off"
+                                       else {"enabled": True, "weight": 0.0})
+    logged = card_metrics(card)
+    assert logged["relabel/hard"] == card["hard"] and logged["relabel/dropped_share"] == card["dropped_share"]
+    row = card["per_class"][0]
+    assert logged[f"relabel/per_class/{row['class']}/soft"] == row["soft"]
+
+
+def test_a_conditioned_label_outside_the_voters_classes_is_a_data_error(tiny_cfg, voters, synthetic_set, tmp_path):
+    from datamodules.errors import DataError
+    from datamodules.synthetic import write_dataset
+    from lightning_modules.stages.relabel_stage import run_relabel_stage
+
+    directory, _ = synthetic_set
+    bad = load_synthetic(directory).map(lambda row, i: {"target_label": 9 if i == 3 else row["target_label"]},
+                                        with_indices=True)
+    write_dataset(tmp_path / "bad", bad)
+    cfg = tiny_cfg(*_relabel_overrides(tmp_path / "bad", voters))
+    with pytest.raises(DataError, match=r"relabel\.input .*bad.*1 face\(s\) have a target_label outside .*row 3: 9"):
+        run_relabel_stage(cfg)
+    assert not (Path(cfg.paths.run_dir) / "relabel" / "dataset").exists()
+
+
 @pytest.mark.parametrize("override, key", [
+    ("relabel.condition_voter.weight=-1", "relabel.condition_voter.weight"),
+    ("relabel.condition_voter.weight=.nan", "relabel.condition_voter.weight"),
+    ("relabel.condition_voter.weight=heavy", "relabel.condition_voter.weight"),
+    ("relabel.condition_voter.enabled=sometimes", "relabel.condition_voter.enabled"),
+    ("~relabel.condition_voter", "relabel.condition_voter"),
     ("relabel.input=/nowhere", "relabel.input"),
     ("relabel.voters.teacher.checkpoint=/nowhere.ckpt", "relabel.voters.teacher.checkpoint"),
     ("relabel.threshold=1.5", "relabel.threshold"),

@@ -64,7 +64,7 @@ def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_
     metrics = train.run_stage(cfg)
     saved = json.loads((Path(cfg.paths.run_dir) / "synth_eval" / "metrics.json").read_text())
     assert saved["num_samples"] == metrics["num_samples"] == 12 and saved["set_size"] == 16
-    assert saved["judge"] == str(untrained_teacher_ckpt) and saved["judge_guided"] is True
+    assert saved["judge"] == str(untrained_teacher_ckpt) and saved["judge_also_guided"] is True
     assert "fid" in saved and saved["real_split"] == "test"
     assert train.run_stage(cfg) == {"skipped": True}
 
@@ -75,7 +75,7 @@ def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_te
                    f"synth_eval.judge={untrained_teacher_ckpt}", "synth_eval.fid=false", f"synthesis.guidance.classifier={tmp_path / 'other.ckpt'}",
                    "synthesis.guidance.embedding_scale=1.0")
     metrics = train.run_stage(cfg)
-    assert metrics["judge_guided"] is False and "fid" not in metrics and metrics["real_split"] is None
+    assert metrics["judge_also_guided"] is False and "fid" not in metrics and metrics["real_split"] is None
 
 
 @pytest.mark.parametrize("override, error, key", [

@@ -162,6 +162,10 @@ def test_data_card_counts_rates_and_confusion():
     assert card["voter_agreement_rate"] == pytest.approx(4 / 6)
     # Rows = conditioned, cols = final, kept only (asymmetric, so a transpose would fail).
     assert card["confusion_matrix"] == [[1, 1, 0], [0, 0, 1], [0, 0, 1]]
+    # which rule labelled each face, overall and by conditioned class (see the table above)
+    assert (card["hard_share"], card["soft_share"], card["dropped_share"]) == pytest.approx((3 / 6, 1 / 6, 2 / 6))
+    assert [(c["hard"], c["soft"], c["dropped"]) for c in card["per_class"]] == [(2, 0, 0), (1, 0, 1), (0, 1, 1)]
+    assert card["condition_voter"] == {"enabled": False, "weight": None}
     assert json.loads(json.dumps(card)) == card
 
 
@@ -170,8 +174,12 @@ def test_data_card_markdown_shows_names_and_numbers():
     for name in NAMES:
         assert name in md
     for text in ("6 total", "4 kept (66.7%)", "2 dropped (33.3%)", "3 hard, 1 soft (25.0% soft)",
-                 "50.0% of kept", "66.7% of all", "Voters agree: 66.7%",
-                 "| neutral | 2 | 1 | -1 |", "| sad | 2 | 2 | 0 |",
+                 "50.0% of kept", "66.7% of all",
+                 "the teachers (the conditioned label does not vote); all agree: 66.7%",
+                 "| all voters agree: hard label | 3 | 50.0% |", "| voters disagree: soft label",
+                 "| 1 | 16.7% |", "| dropped: mean confidence below the threshold | 2 | 33.3% |",
+                 "| neutral | 2 | 1 | -1 | 2 (100.0%) | 0 (0.0%) | 0 (0.0%) |",
+                 "| sad | 2 | 2 | 0 | 0 (0.0%) | 1 (50.0%) | 1 (50.0%) |",
                  "| conditioned \\ final | neutral | happy | sad |", "| happy | 0 | 0 | 1 |"):
         assert text in md, text
 
@@ -184,6 +192,9 @@ def test_data_card_invariants_on_random_8_class_set():
     card = data_card(cond, r, EXPRESSIONS)
     cm = np.array(card["confusion_matrix"])
     assert cm.sum() == card["kept"] == card["soft"] + card["hard"]
+    assert card["hard"] + card["soft"] + card["dropped"] == 200
+    assert card["hard_share"] + card["soft_share"] + card["dropped_share"] == pytest.approx(1.0)
+    assert [c["hard"] + c["soft"] + c["dropped"] for c in card["per_class"]] == [c["before"] for c in card["per_class"]]
     assert cm.sum(axis=0).tolist() == [c["after"] for c in card["per_class"]]
     assert cm.sum(axis=1).tolist() == torch.bincount(cond[r.kept], minlength=8).tolist()
     assert math.isclose(card["agreement_with_condition_kept"], np.trace(cm) / cm.sum())
@@ -207,3 +218,86 @@ def test_vote_result_is_frozen():
     assert isinstance(r, VoteResult)
     with pytest.raises(AttributeError):
         r.kept = torch.zeros(1, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------- the conditioned label as a voter
+# Two teachers, K=3, threshold 0.5. A and B both pick class 0 (A .6 .3 .1, B .5 .4 .1); the face was made for
+# `cond`; `weight` is the condition voter's (None: it does not vote). Hand-computed means:
+#   agree + cond 0, w 1:    (A+B+e0)/3 = .7 .233 .067       -> hard 0, conf .7
+#   agree, cond 1, w 1:     (A+B+e1)/3 = .367 .567 .067     -> soft, final 1 (the condition outvotes), conf .567
+#   agree, cond 1, w .5:    (A+B+.5e1)/2.5 = .44 .48 .08     -> soft, final 1, conf .48 < .5: dropped
+#   agree, cond 1, w 3:     (A+B+3e1)/5 = .22 .74 .04        -> soft (teachers still disagree with it), final 1
+#   agree, cond 1, w 0/off: (A+B)/2 = .55 .35 .1             -> hard 0, conf .55 (the teachers alone)
+AGREE = P([[.6, .3, .1]], [[.5, .4, .1]])
+# A picks 0, B picks 1: with cond 1 (w 1) (A+B+e1)/3 = .267 .667 .067; cond 0: .6 .333 .067; off: (A+B)/2 =
+# .4 .5 .1 (conf = threshold)
+SPLIT = P([[.6, .3, .1]], [[.2, .7, .1]])
+
+
+@pytest.mark.parametrize("probs, cond, weight, final, soft, kept, agree, label, conf", [
+    (AGREE, 0, 1.0, 0, False, True, True, [1.0, 0.0, 0.0], 0.7),
+    (AGREE, 1, 1.0, 1, True, True, False, [1.1 / 3, 1.7 / 3, 0.2 / 3], 1.7 / 3),
+    (AGREE, 1, 0.5, 1, True, False, False, [0.44, 0.48, 0.08], 0.48),
+    (AGREE, 1, 3.0, 1, True, True, False, [0.22, 0.74, 0.04], 0.74),
+    (AGREE, 1, 0.0, 0, False, True, True, [1.0, 0.0, 0.0], 0.55),       # weight 0: abstains, as off
+    (AGREE, 1, None, 0, False, True, True, [1.0, 0.0, 0.0], 0.55),      # off
+    (AGREE, 0, None, 0, False, True, True, [1.0, 0.0, 0.0], 0.55),
+    (SPLIT, 1, 1.0, 1, True, True, False, [0.8 / 3, 2.0 / 3, 0.2 / 3], 2.0 / 3),
+    (SPLIT, 1, None, 1, True, True, False, [0.4, 0.5, 0.1], 0.5),
+    (SPLIT, 0, 1.0, 0, True, True, False, [0.6, 1.0 / 3, 0.2 / 3], 0.6),  # the condition sides with A
+])
+def test_condition_voter_rule(probs, cond, weight, final, soft, kept, agree, label, conf):
+    on = weight is not None
+    r = ensemble_vote(probs, threshold=0.5, condition=[cond] if on else None, condition_weight=weight if on else 1.0)
+    assert r.final_label.tolist() == [final] and r.is_soft.tolist() == [soft]
+    assert r.kept.tolist() == [kept] and r.voters_agree.tolist() == [agree]
+    assert torch.allclose(r.soft_label, torch.tensor([label], dtype=torch.float64))
+    assert r.confidence.item() == pytest.approx(conf)
+    assert r.condition_weight == weight
+
+
+def test_condition_weight_is_on_the_scale_of_the_voter_weights():
+    # teachers weighted 2 and 2 with the condition at 2 is the same vote as 1, 1 and 1
+    a = ensemble_vote(SPLIT, condition=[1], condition_weight=2.0, weights=[2.0, 2.0])
+    b = ensemble_vote(SPLIT, condition=[1], condition_weight=1.0)
+    assert torch.allclose(a.soft_label, b.soft_label) and torch.equal(a.kept, b.kept)
+    # the teachers' default weight is 1 each: the condition at 2 counts as much as both together
+    c = ensemble_vote(SPLIT, condition=[2], condition_weight=2.0)
+    assert torch.allclose(c.soft_label, torch.tensor([[0.2, 0.25, 0.55]], dtype=torch.float64))
+
+
+def test_all_agree_means_every_teacher_picks_the_condition():
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randint(0, 8, (300,), generator=g)
+    # teachers that lean towards the condition: some faces have all three on it, others not
+    probs = torch.softmax(torch.randn(3, 300, 8, generator=g) + 2.5 * torch.nn.functional.one_hot(cond, 8), dim=-1)
+    r = ensemble_vote(probs, threshold=0.0, condition=cond)
+    teachers_pick_cond = (probs.argmax(-1) == cond).all(dim=0)
+    assert torch.equal(r.voters_agree, teachers_pick_cond) and 0 < int(teachers_pick_cond.sum()) < 300
+    assert torch.equal(r.final_label[r.voters_agree], cond[r.voters_agree])
+    card = data_card(cond, r, EXPRESSIONS)
+    assert card["condition_voter"] == {"enabled": True, "weight": 1.0}
+    assert card["hard"] == int(teachers_pick_cond.sum()) and card["dropped"] == 0
+    md = data_card_markdown(card)
+    assert "the teachers and the conditioned label (weight 1)" in md
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"condition": [0], "condition_weight": -1.0}, "condition_weight must be a finite number >= 0"),
+    ({"condition": [0], "condition_weight": float("nan")}, "condition_weight must be a finite number >= 0"),
+    ({"condition": [0], "condition_weight": float("inf")}, "condition_weight"),
+    ({"condition": [3]}, r"condition label 3 is outside \[0, 2\)"),
+    ({"condition": [-1]}, r"condition label -1 is outside \[0, 2\)"),
+    ({"condition": [0, 1]}, "condition has 2 entries but probs has 1 samples"),
+    ({"condition": [0.5]}, "integer class ids"),
+    ({"condition": [0], "condition_weight": 0.0, "weights": [0.0, 0.0]}, "all zero"),
+])
+def test_bad_condition_voter_input_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ensemble_vote(GOOD, **kwargs)
+
+
+def test_condition_voter_on_an_empty_set():
+    r = ensemble_vote(torch.zeros(2, 0, 8), condition=[], condition_weight=0.5)
+    assert len(r) == 0 and r.condition_weight == 0.5
+    assert data_card([], r, EXPRESSIONS)["condition_voter"] == {"enabled": True, "weight": 0.5}

@@ -57,8 +57,8 @@ def check_classifier_config(cfg: DictConfig, role: str) -> None:
     other = "student" if role == "teacher" else "teacher"
     require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"{role}.name",
             f"must be a plain folder name (letters, digits, _ . -), got {name!r}")
-    require(name not in RESERVED_NAMES and name != other, f"{role}.name",
-            f"{name!r} is another stage's output folder; pick a different name")
+    require(name not in RESERVED_NAMES and name != other and not (role == "student" and name == "judge"),
+            f"{role}.name", f"{name!r} is another stage's output folder; pick a different name")  # judge: a teacher
     if is_feranno(model):
         _check_feranno(model, role)
     else:

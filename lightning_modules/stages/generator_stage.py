@@ -58,6 +58,8 @@ def check_generator_config(cfg: DictConfig) -> None:
     span = list(gen.eval.intensity_range)
     require(len(span) == 2 and 0 < span[0] <= span[1], "generator.eval.intensity_range",
             f"must be [lo, hi] with 0 < lo <= hi, got {span}")
+    if gen.eval.enabled:
+        eval_judge(cfg)
     guidance = semantic_guidance(gen.guidance)
     require(not (guidance.au_scale > 0 and not model.au_adapter), "generator.guidance.au_scale",
             "AU guidance needs the AU adapter (generator.model.au_adapter=true)")
@@ -76,6 +78,19 @@ def semantic_guidance(g: DictConfig, key: str = "generator.guidance"):
                                 tuple(float(x) for x in g.window), bool(g.per_token))
     except (ValueError, TypeError) as err:
         raise ConfigError(key, str(err)) from err
+
+
+def eval_judge(cfg: DictConfig):
+    """The teacher that scores the evaluation (``generator.eval.judge``); a named checkpoint must exist."""
+    from lightning_modules.generation_eval import resolve_judge
+
+    try:
+        judge = resolve_judge(cfg.generator.eval.judge, cfg.paths.run_dir, cfg.generator.guidance.classifier)
+    except ValueError as err:
+        raise ConfigError("generator.eval.judge", str(err)) from err
+    require(judge.mode != "path" or judge.checkpoint.is_file(), "generator.eval.judge",
+            f"no teacher checkpoint at {judge.checkpoint} (separate | guide | a checkpoint path)")
+    return judge
 
 
 def load_guide(checkpoint: str, image_size: int, device="cpu"):
@@ -234,21 +249,23 @@ def _logged(trainer, key: str):
 def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, loggers) -> dict:
     """FER-Acc and AU Pearson r of generated faces (toy: prototype conditions; else: test-split conditions)."""
     from datamodules.labels import EXPRESSIONS
-    from lightning_modules.generation_eval import (evaluate_generator, records_eval_conditions,
+    from lightning_modules.generation_eval import (evaluate_generator, judge_record, records_eval_conditions,
                                                    toy_eval_conditions)
     from lightning_modules.grids import save_labelled_grid
     from lightning_modules.teacher import load_teacher
 
     ev = cfg.generator.eval
-    teacher_path = Path(str(ev.teacher))
-    if not teacher_path.is_file():
-        warnings.warn(f"generator evaluation skipped: no teacher checkpoint at {teacher_path} "
-                      f"(generator.eval.teacher; run stage=teacher first)")
-        return {"skipped": f"no teacher at {teacher_path}"}
-    teacher = load_teacher(teacher_path, map_location=model.device)
+    judge = eval_judge(cfg)
+    if not judge.checkpoint.is_file():
+        how = {"separate": "stage=pipeline trains it; or stage=teacher teacher.name=judge teacher.seed=<another seed>",
+               "guide": "run stage=teacher first"}.get(judge.mode, "")
+        warnings.warn(f"generator evaluation skipped: no teacher checkpoint to judge with at {judge.checkpoint} "
+                      f"(generator.eval.judge={judge.mode}; {how})")
+        return {"skipped": f"no judge at {judge.checkpoint}"}
+    teacher = load_teacher(judge.checkpoint, map_location=model.device)
     if teacher.hparams.num_aus != len(model.vocab):
-        raise ConfigError("generator.eval.teacher", f"teacher predicts {teacher.hparams.num_aus} AUs, the generator "
-                                                    f"uses {len(model.vocab)} (data.aus must match)")
+        raise ConfigError("generator.eval.judge", f"the judge predicts {teacher.hparams.num_aus} AUs, the generator "
+                                                  f"uses {len(model.vocab)} (data.aus must match)")
     per_class, seed = int(ev.per_class), int(ev.seed)
     if datamodule.format == "toy":
         conds = toy_eval_conditions(datamodule.toy_config, per_class, datamodule.num_classes, datamodule.vocab.aus,
@@ -265,6 +282,7 @@ def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, log
                                              au_active_threshold=float(ev.au_active_threshold),
                                              guidance=guidance, guide=guide,
                                              compare_unguided=bool(ev.compare_unguided))
+    metrics.update(judge_record(judge, guidance.enabled))
     if ev.save_samples:
         metrics["eval_set"] = str(save_eval_set(out_dir / "eval_set", images, conds, cfg, datamodule.color_mode))
     # a real test set may hold fewer than per_class faces of a rare class (or none): the grid takes as many columns

@@ -1,6 +1,8 @@
-"""`stage=pipeline`: teacher -> generator -> synthesize -> synth_eval -> FERAnno -> relabel -> students -> report
-inside one run folder, handing artifacts over by path. A stage whose outputs exist for the same config and the same
-inputs is skipped, so a killed pipeline resumes where it stopped (``force=true`` reruns everything).
+"""`stage=pipeline`: teacher -> (judge) -> generator -> synthesize -> synth_eval -> FERAnno -> relabel -> students
+-> report inside one run folder, handing artifacts over by path. The judge is a second teacher (another seed) that
+scores the generator's faces and the synthetic set when ``generator.eval.judge=separate``, so the classifier that
+guides sampling does not judge it. A stage whose outputs exist for the same config and the same inputs is skipped, so
+a killed pipeline resumes where it stopped (``force=true`` reruns everything).
 
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
 ``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
@@ -28,8 +30,8 @@ from lightning_modules.student import check_seeds, read_protocol, seed_suffix
 
 log = logging.getLogger(__name__)
 
-STEPS = ("annotate_aus", "teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "pseudolabel",
-         "students")
+STEPS = ("annotate_aus", "teacher", "judge", "generator", "synthesize", "synth_eval", "feranno", "relabel",
+         "pseudolabel", "students")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
@@ -44,6 +46,40 @@ def feranno_config(cfg: DictConfig) -> DictConfig:
         if spec.get("max_epochs") is not None:
             out.teacher.max_epochs = int(spec.max_epochs)
     return out
+
+
+def judge_config(cfg: DictConfig) -> DictConfig:
+    """The run's config with the teacher renamed ``judge`` and trained with ``generator.eval.judge_seed`` (default:
+    the teacher's seed + 1): a teacher as good as the guiding one that never guided."""
+    from lightning_modules.generation_eval import JUDGE
+    from lightning_modules.student import read_protocol
+
+    teacher_seed = read_protocol(cfg, "teacher").seed
+    seed = OmegaConf.select(cfg, "generator.eval.judge_seed", default=None)
+    key = "generator.eval.judge_seed"
+    require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), key,
+            f"must be an integer or null (the teacher's seed + 1), got {seed!r}")
+    seed = teacher_seed + 1 if seed is None else seed
+    require(seed != teacher_seed, key, f"is the teacher's seed ({teacher_seed}): the judge would be the guiding "
+                                       "teacher again (generator.eval.judge=guide says so openly)")
+    out = cfg.copy()
+    with open_dict(out):
+        out.teacher.name = JUDGE
+        out.teacher.seed = seed
+    return out
+
+
+def _judge_step(cfg: DictConfig, wanted: list) -> bool:
+    """Whether the plan trains the judge: ``generator.eval.judge=separate`` and a generator evaluation to judge, or
+    ``synth_eval.judge=separate`` and a synthetic set to judge (or ``judge`` listed in ``pipeline.stages``)."""
+    mode = str(OmegaConf.select(cfg, "generator.eval.judge", default="guide"))
+    set_mode = str(OmegaConf.select(cfg, "synth_eval.judge", default="guide"))
+    listed = "judge" in wanted
+    require(not listed or "separate" in (mode, set_mode), "pipeline.stages",
+            f"the judge step trains the separate judge, but generator.eval.judge={mode} and synth_eval.judge="
+            f"{set_mode}; drop it or set separate")
+    return listed or (mode == "separate" and "generator" in wanted and bool(cfg.generator.eval.enabled)) or (
+        set_mode == "separate" and "synth_eval" in wanted)
 
 
 def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -140,6 +176,9 @@ def _plan(cfg: DictConfig) -> list[tuple[str, Callable[[], Step]]]:
                                                lambda: annotate_stage.run_annotate_stage(cfg), cfg)))
     if "teacher" in wanted:
         steps.append(("teacher", lambda: _classifier(cfg, "teacher")))
+    if _judge_step(cfg, wanted):
+        judge = judge_config(cfg)  # a bad judge seed stops the pipeline before its first step
+        steps.append(("judge", lambda: _classifier(judge, "teacher")))
     if "generator" in wanted:
         steps.append(("generator", lambda: (run_dir / "generator", runtime.config_hash(cfg, generator_stage.HASH_KEYS),
                                             lambda: generator_stage.run_generator_stage(cfg), cfg)))

@@ -1,10 +1,13 @@
 """`stage=relabel`: FERAnno and the timm teachers predict every synthetic face (``trainer.predict``, DDP-able),
-the ensemble vote (voting.py) turns their probabilities into hard / soft / dropped labels, and the relabelled
-set is written with a data card. Nothing is deleted: dropped faces stay with ``kept = false``."""
+the ensemble vote (voting.py) turns their probabilities, and by default the label each face was synthesized for
+(``relabel.condition_voter``), into hard / soft / dropped labels, and the relabelled set is written with a data
+card that counts how often each rule fired. Nothing is deleted: dropped faces stay with ``kept = false``."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -70,6 +73,31 @@ def check_relabel_config(cfg: DictConfig) -> None:
                                                "the generator evaluation first)")
         verify_synthetic(path)  # a damaged set is a DataError naming the shard file and the fix
     check_voters(rl, "relabel")
+    condition_weight(rl)
+
+
+def condition_weight(rl: DictConfig) -> Optional[float]:
+    """``relabel.condition_voter``, checked: the conditioned label's weight in the vote, None when it does not
+    vote."""
+    node = rl.get("condition_voter")
+    key = "relabel.condition_voter"
+    require(node is not None and "enabled" in node and "weight" in node, key,
+            "needs {enabled: true|false, weight: w >= 0} (the conditioned label as a voter)")
+    require(isinstance(node.enabled, bool), f"{key}.enabled", f"must be true or false, got {node.enabled!r}")
+    weight = node.weight
+    require(isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+            and weight >= 0, f"{key}.weight", f"must be a number >= 0 (0: the condition abstains), got {weight!r}")
+    return float(weight) if node.enabled else None
+
+
+def check_conditioned_labels(labels: list, num_classes: int, inputs: list) -> None:
+    """Every face's ``target_label`` must be a class the voters know (it votes, and the data card counts it)."""
+    bad = [(i, v) for i, v in enumerate(labels) if not (isinstance(v, int) and 0 <= v < num_classes)]
+    if bad:
+        i, v = bad[0]
+        raise DataError(f"relabel.input {[str(p) for p in inputs]}: {len(bad)} face(s) have a target_label outside "
+                        f"the voters' classes [0, {num_classes}) (e.g. row {i}: {v!r}); the set was made for "
+                        "other classes than the voters'")
 
 
 def check_voters(node: DictConfig, key: str) -> None:
@@ -131,6 +159,17 @@ def log_sample_table(loggers, dataset, class_names: list[str], n: int) -> None:
                                                  "kept"], data=data)
 
 
+def card_metrics(card: dict) -> dict[str, float]:
+    """The data card's numbers for the loggers: totals, how often each rule fired (counts, shares), per class."""
+    out = {f"relabel/{k}": v for k, v in card.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for row in card["per_class"]:
+        for rule in ("hard", "soft", "dropped"):
+            out[f"relabel/per_class/{row['class']}/{rule}"] = row[rule]
+            if row["before"]:
+                out[f"relabel/per_class/{row['class']}/{rule}_share"] = row[rule] / row["before"]
+    return out
+
+
 def run_relabel_stage(cfg: DictConfig) -> dict:
     from torch.utils.data import DataLoader
 
@@ -149,6 +188,9 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
     first = next(iter(voters.values()))
     num_classes = int(first.hparams.num_classes)
     class_names = list(getattr(first, "class_names", [str(c) for c in range(num_classes)]))
+    conditioned = list(dataset["target_label"])
+    check_conditioned_labels(conditioned, num_classes, inputs)
+    cond_weight = condition_weight(rl)
     loader = DataLoader(SyntheticFERDataset(dataset, int(rl.image_size), num_classes, use_relabel=False,
                                             kept_only=False, color_mode=str(cfg.data.get("color_mode", "rgb"))),
                         batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
@@ -170,8 +212,10 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             probs = merge_predictions(pred_dir, trainer.world_size, sample_ids)
             weights = [float(v.get("weight", 1.0)) for v in rl.voters.values()]
-            result = ensemble_vote(probs, float(rl.threshold), weights)
-            conditioned = torch.tensor(dataset["target_label"])
+            conditioned = torch.tensor(conditioned)
+            result = ensemble_vote(probs, float(rl.threshold), weights,
+                                   condition=None if cond_weight is None else conditioned,
+                                   condition_weight=1.0 if cond_weight is None else cond_weight)
             card = data_card(conditioned, result, class_names)
             card["voter_accuracy_vs_condition"] = {
                 name: (probs[v].argmax(-1) == conditioned).float().mean().item() for v, name in enumerate(voters)}
@@ -184,13 +228,14 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                 relabelled = relabelled.add_column(column, values.tolist())
             write_dataset(out_dir / "dataset", relabelled,
                           meta={"source": [str(p) for p in inputs], "voters": list(voters),
+                                "voter_weights": dict(zip(voters, weights)), "condition_voter": card["condition_voter"],
                                 "threshold": float(rl.threshold)})
             runtime.write_json_atomic(out_dir / "data_card.json", card)
             (out_dir / "data_card.md").write_text(data_card_markdown(card))
             metrics = {"seconds": time.time() - start, "world_size": trainer.world_size,
                        "dataset": str(out_dir / "dataset"), "data_card": card}
             for lg in loggers:
-                lg.log_metrics({f"relabel/{k}": v for k, v in card.items() if isinstance(v, (int, float))})
+                lg.log_metrics(card_metrics(card))
             log_sample_table(loggers, relabelled, class_names, int(rl.log_samples))
     finally:
         runtime.finish_loggers(loggers)

@@ -26,15 +26,16 @@ from lightning_modules.report_students import (PROTOCOL_COLUMNS, group_of, group
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
             "data/train_size")
 GENERATOR_HEADLINE = ("eval/fer_acc", "eval/unguided/fer_acc", "eval/au_pearson_mean", "eval/fid",
-                      "eval/reference/fer_acc", "eval/reference/au_pearson_mean", "val_loss", "steps", "fit_seconds")
+                      "eval/reference/fer_acc", "eval/reference/au_pearson_mean", "eval/judge_mode",
+                      "eval/judge_also_guided", "val_loss", "steps", "fit_seconds")
 GENERATOR_OPTIONAL = ("eval/unguided/fer_acc", "eval/fid")  # columns shown only when some generator has them
 SYNTHESIS_HEADLINE = ("images", "generated_now", "seconds", "images_per_second", "world_size")
-SYNTH_EVAL_HEADLINE = ("fer_acc", "au_pearson_mean", "fid", "kid_mean", "num_samples", "judge_guided")
-RELABEL_HEADLINE = ("data_card/total", "data_card/kept", "data_card/soft", "data_card/voter_agreement_rate",
-                    "data_card/agreement_with_condition_kept")
+SYNTH_EVAL_HEADLINE = ("fer_acc", "au_pearson_mean", "fid", "kid_mean", "num_samples", "judge_also_guided")
+RELABEL_HEADLINE = ("data_card/total", "data_card/kept", "data_card/hard_share", "data_card/soft_share",
+                    "data_card/dropped_share", "data_card/voter_agreement_rate", "data_card/agreement_with_condition_kept")
 GENERATOR_GRIDS = ("expressions_final.png", "au_sweep_final.png", "eval_samples.png")
 # Stages in pipeline order first, anything else after, alphabetically.
-STAGE_ORDER = ("teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student")
+STAGE_ORDER = ("teacher", "judge", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student")
 
 
 def collect_metrics(run_dir: Path) -> dict[str, dict]:
@@ -199,7 +200,7 @@ def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
         lines += ["## Synthesis", "", *_table({"synthesize": metrics["synthesize"]}, SYNTHESIS_HEADLINE)]
     if "synth_eval" in metrics:
         m = metrics["synth_eval"]
-        guided = ", which also guided the synthesis: FER-Acc overrates guided faces" if m.get("judge_guided") else ""
+        guided = ", which also guided the synthesis: FER-Acc overrates guided faces" if m.get("judge_also_guided") else ""
         lines += [f"## Synthetic set judged (FER-Acc against the conditioned labels, FID/KID against real "
                   f"{m.get('real_split') or '–'} faces; judge `{m.get('judge')}`{guided})", "",
                   *_table({"synth_eval": m}, SYNTH_EVAL_HEADLINE)]

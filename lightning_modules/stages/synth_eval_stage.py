@@ -40,19 +40,25 @@ def check_config(se: DictConfig) -> None:
             f"must be >= 0, got {se.au_active_threshold}")
 
 
-def judge_path(cfg: DictConfig) -> Path:
-    path = Path(str(cfg.synth_eval.judge))
-    if not path.is_file():
-        raise ConfigError("synth_eval.judge", f"no judge checkpoint at {path} (a teacher checkpoint: run stage=teacher "
-                                              f"or point synth_eval.judge at one)")
-    return path
+def set_judge(cfg: DictConfig):
+    """``synth_eval.judge`` (separate | guide | a checkpoint) resolved against this run, its checkpoint checked."""
+    from lightning_modules.generation_eval import resolve_judge
+
+    judge = resolve_judge(str(cfg.synth_eval.judge), cfg.paths.run_dir, cfg.synthesis.guidance.classifier)
+    if not judge.checkpoint.is_file():
+        hint = {"separate": "stage=pipeline trains it (or: stage=teacher teacher.name=judge teacher.seed=1)",
+                "guide": "the guiding classifier synthesis.guidance.classifier"}.get(judge.mode, "a teacher checkpoint")
+        raise ConfigError("synth_eval.judge", f"{cfg.synth_eval.judge}: no judge checkpoint at {judge.checkpoint} "
+                                              f"({hint})")
+    return judge
 
 
 def done_digest(cfg: DictConfig) -> str:
     """Config + the set's manifest (it changes with every shard written or relabelled) + the judge."""
     from datamodules.synthetic import MANIFEST
 
-    return runtime.inputs_hash(cfg, HASH_KEYS, [Path(str(cfg.synth_eval.input)) / MANIFEST, judge_path(cfg)])
+    return runtime.inputs_hash(cfg, HASH_KEYS, [Path(str(cfg.synth_eval.input)) / MANIFEST,
+                                                set_judge(cfg).checkpoint])
 
 
 def step(cfg: DictConfig):
@@ -116,22 +122,21 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
     return metrics
 
 
-def guided_by(cfg: DictConfig, judge: Path) -> bool:
-    """Whether the judge is the classifier that guided the set's synthesis (semantic guidance on)."""
+def guidance_on(cfg: DictConfig) -> bool:
     g = cfg.synthesis.guidance
-    on = any(float(g[k]) != 0 for k in ("embedding_scale", "classifier_scale", "au_scale"))
-    guide = Path(str(g.classifier))
-    return on and guide.is_file() and guide.resolve() == judge.resolve()
+    return any(float(g[k]) != 0 for k in ("embedding_scale", "classifier_scale", "au_scale"))
 
 
 def run_synth_eval_stage(cfg: DictConfig) -> dict:
     from datamodules.labels import parse_au_list
     from datamodules.synthetic import load_synthetic
+    from lightning_modules.generation_eval import judge_record
     from lightning_modules.teacher import load_teacher
 
     se = cfg.synth_eval
     check_config(se)
-    path = judge_path(cfg)
+    chosen = set_judge(cfg)
+    path = chosen.checkpoint
     dataset = load_synthetic(str(se.input))
     out_dir = runtime.stage_dir(cfg, STAGE)
     digest = done_digest(cfg)
@@ -148,9 +153,9 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
     with torch.no_grad():
         metrics = evaluate_set(dataset, judge, int(cfg.data.image_size), list(vocab.aus), real, se.max_faces,
                                int(se.seed), int(se.batch_size), float(se.au_active_threshold))
-    metrics.update(judge=str(path), judge_guided=guided_by(cfg, path), input=str(se.input),
-                   set_size=len(dataset), real_split=str(se.real_split) if se.fid else None)
-    if metrics["judge_guided"]:
+    metrics.update(judge_record(chosen, guidance_on(cfg)), input=str(se.input), set_size=len(dataset),
+                   real_split=str(se.real_split) if se.fid else None)
+    if metrics["judge_also_guided"]:
         log.warning("synth_eval: the judge %s also guided this set's synthesis: its FER-Acc overrates the guided "
                     "faces (name a judge that did not guide: synth_eval.judge)", path)
     log.info("synth_eval: %d faces of %s: FER-Acc %.3f%s (judge %s)", metrics["num_samples"], se.input,
