@@ -16,9 +16,13 @@ from lightning_modules.report_students import RunProtocol, mean_std, protocol_li
 MODE_LABELS = {"real_only": "real only", "synthetic_only": "synthetic only", "concat": "real + synthetic (concat)",
                "ratio": "real + synthetic (ratio)"}
 # Ablation switches: column title -> config keys, first present wins (synthesis may override the generator's SG λ).
-SWITCHES = {"AU adapter": ("generator.model.au_adapter",),
+SWITCHES = {"expression fine-tune": ("generator.model.expression_conditioning",),
+            "AU adapter": ("generator.model.au_adapter",),
             "SG λ": ("synthesis.guidance.embedding_scale", "generator.guidance.embedding_scale"),
+            "layout init": ("synthesis.layout_init.enabled",),
             "relabel": ("relabel.enabled",)}
+# The synthetic set as a judge sees it (stage synth_eval): the cumulative ablation's columns, in the paper's shape.
+SET_COLUMNS = {"set FER-Acc": "fer_acc", "set AU r": "au_pearson_mean", "set FID": "fid", "set KID": "kid_mean"}
 
 
 def natural_key(text: str) -> list:
@@ -265,6 +269,7 @@ class AblationRow:
     mixed: Optional[str]               # the student the bar chart shows (trained with synthetic faces if any)
     generator_fer_acc: Optional[float]
     vote_agreement: Optional[float] = None
+    synthetic_set: dict[str, Any] = field(default_factory=dict)  # synth_eval's metrics of the row's synthetic set
 
     @property
     def students(self) -> dict[str, Optional[float]]:
@@ -292,7 +297,8 @@ def ablation_rows(jobs: Sequence[JobResult]) -> list[AblationRow]:
         mixed = next((g for g, rs in runs.items() if rs[0].mode not in (None, "real_only")), next(iter(runs), None))
         rows.append(AblationRow(name if names.count(name) == 1 else f"{name} ({job.name})", job.name, switches,
                                 runs, mixed, job.metrics.get("generator", {}).get("eval/fer_acc"),
-                                job.metrics.get("relabel", {}).get("data_card/agreement_with_condition_all")))
+                                job.metrics.get("relabel", {}).get("data_card/agreement_with_condition_all"),
+                                job.metrics.get("synth_eval", {})))
     return rows
 
 
@@ -303,17 +309,27 @@ def ablation_markdown(rows: Sequence[AblationRow], image: Optional[str] = "ablat
     students = list(dict.fromkeys(s for r in rows for s in r.runs))
     fer = any(r.generator_fer_acc is not None for r in rows)
     vote = any(r.vote_agreement is not None for r in rows)
+    sets = [c for c, key in SET_COLUMNS.items() if any(r.synthetic_set.get(key) is not None for r in rows)]
     columns = ["experiment", "job", *switches, *[f"{s} acc" for s in students], *(["generator FER-Acc"] if fer else []),
-               *(["vote = condition"] if vote else [])]
-    lines = ["## Ablation (one row per job; student accuracy on the real test set)", "",
+               *(["vote = condition"] if vote else []), *sets]
+    lines = ["## Ablation (one row per job; student accuracy on the real test set"
+             + ("; set = the row's synthetic set scored by stage synth_eval" if sets else "") + ")", "",
              "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         cells = [r.name, r.job, *[fmt_switch(r.switches.get(t)) for t in switches],
                  *[_mean_cell(r.runs.get(s)) for s in students], *([fmt(r.generator_fer_acc)] if fer else []),
-                 *([fmt(r.vote_agreement)] if vote else [])]
+                 *([fmt(r.vote_agreement)] if vote else []), *[fmt(r.synthetic_set.get(SET_COLUMNS[c])) for c in sets]]
         lines.append("| " + " | ".join(cells) + " |")
+    judges = {(r.synthetic_set.get("judge"), bool(r.synthetic_set.get("judge_also_guided"))) for r in rows
+              if r.synthetic_set.get("judge")}
+    if judges:
+        lines += ["", "Synthetic sets judged by " + "; ".join(
+            f"`{judge}`" + (" (it also guided SG: FER-Acc overrates guided faces)" if guided else " (did not guide)")
+            for judge, guided in sorted(judges)) + "."]
     runs = [(f"{r.name}/{s.stage}", s.protocol) for r in rows for group in r.runs.values() for s in group]
-    lines += ["", *protocol_lines(runs, [len(g) for r in rows for g in r.runs.values()], "cell"), ""]
+    if runs:
+        lines += ["", *protocol_lines(runs, [len(g) for r in rows for g in r.runs.values()], "cell")]
+    lines += [""]
     if image:
         lines += [f"![ablation]({image})", ""]
     return lines
@@ -329,6 +345,8 @@ def ablation_metrics(rows: Sequence[AblationRow]) -> dict[str, Any]:
             out[f"ablation/{r.name}/generator/fer_acc"] = r.generator_fer_acc
         if r.vote_agreement is not None:
             out[f"ablation/{r.name}/relabel/agreement_with_condition"] = r.vote_agreement
+        out.update({f"ablation/{r.name}/synth_eval/{key}": r.synthetic_set[key] for key in SET_COLUMNS.values()
+                    if r.synthetic_set.get(key) is not None})
     return out
 
 
