@@ -45,8 +45,8 @@ def check_design(branches: Any, fusion: Any, attention_layers: Any, key: str) ->
         ok = (not isinstance(attention_layers, str) and isinstance(attention_layers, Sequence) and attention_layers
               and all(isinstance(p, str) and p for p in attention_layers))
         if not ok:
-            raise ConfigError(f"{key}.attention_layers", "must be null (every text cross-attention layer) or a "
-                                                         f"non-empty list of layer-name prefixes, got {attention_layers!r}")
+            raise ConfigError(f"{key}.attention_layers", f"must be null (every text cross-attention layer) or a "
+                              f"non-empty list of layer-name prefixes, got {attention_layers!r}")
     return branches, str(fusion)
 
 

@@ -91,8 +91,8 @@ def _check_feranno(model: DictConfig, role: str) -> None:
     except FileNotFoundError as err:
         raise runtime.ConfigError(f"{key}.generator_path", str(err)) from err
     try:
-        feranno.check_timestep(model.get("timestep", feranno.PAPER_DESIGN["timestep"]), feranno.num_train_timesteps(path),
-                               f"{key}.timestep")
+        t = model.get("timestep", feranno.PAPER_DESIGN["timestep"])
+        feranno.check_timestep(t, feranno.num_train_timesteps(path), f"{key}.timestep")
     except ValueError as err:
         raise runtime.ConfigError(f"{key}.timestep", str(err)) from err
     feranno.check_design(model.get("branches", feranno.PAPER_DESIGN["branches"]),
