@@ -197,6 +197,21 @@ def test_preflight_checks_the_design(tiny_cfg, tmp_path, pipeline_dir, override,
     assert err.value.key == key
 
 
+def test_stage_reports_the_models_own_key(tiny_cfg, tmp_path, pipeline_dir):
+    """Values only the loaded UNet can check (which attn2 layers exist) fail at model build, naming their key."""
+    import shutil
+    from types import SimpleNamespace
+
+    from lightning_modules.stages.classifier_stage import build_classifier
+
+    shutil.copytree(pipeline_dir, tmp_path / "run" / "generator" / "pipeline")
+    cfg = tiny_cfg("stage=teacher", "teacher=feranno", "teacher.model.attention_layers=[decoder]")
+    data = SimpleNamespace(num_classes=8, vocab=list(range(12)), class_names=None)
+    with pytest.raises(ConfigError, match="decoder") as err:
+        build_classifier(cfg, "teacher", data)
+    assert err.value.key == "teacher.model.attention_layers"
+
+
 # ---------------------------------------------------------------------- training + checkpoints
 def _fit(model, tmp_path, steps, batches):
     from torch.utils.data import DataLoader

@@ -180,6 +180,8 @@ def build_classifier(cfg: DictConfig, role: str, datamodule) -> L.LightningModul
                                        num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
                                        _convert_="all")
     except hydra.errors.InstantiationException as err:  # e.g. an unknown key: the model's own message
+        if isinstance(err.__cause__, runtime.ConfigError):  # the model named the exact key
+            raise err.__cause__ from None
         raise runtime.ConfigError(f"{role}.model", str(err.__cause__ or err)) from err
 
 
