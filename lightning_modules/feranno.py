@@ -1,20 +1,28 @@
-"""FERAnno: the pseudo-label teacher that classifies the generator's own UNet features (SynFER §3.4).
+"""FERAnno: the pseudo-label teacher that classifies from the generator's own UNet (SynFER §3.4).
 
 An image (in [-1, 1], any size) is resized to the generator's resolution (and encoded by its frozen VAE in latent
-mode), brought to a small timestep ``t`` — by ``scheduler.add_noise`` (``noise="add"``: random noise in training, a
-fixed-seed noise map in eval/predict) or by one deterministic DDIM inversion step with the UNet's own ε at t=0
-(``noise="invert"``) — and run once through the frozen UNet with a fixed caption (and null AU tokens when the
-pipeline has an AU adapter). Forward hooks on the chosen ``unet.up_blocks`` collect the multi-scale decoder
-features; each is average-pooled to ``pool_size``², flattened, standardised (BatchNorm) and projected to one
-``fusion_dim`` token per scale; the scale tokens and a learned CLS token go through a small transformer encoder
-(``nn.TransformerEncoderLayer``), and the CLS output is classified by LayerNorm + Linear (+ optional AU head).
+mode), brought to a small timestep ``t`` (default 1) — by ``scheduler.add_noise`` (``noise="add"``: random noise in
+training, a fixed-seed noise map in eval/predict) or by one deterministic DDIM inversion step with the UNet's own ε
+at t=0 (``noise="invert"``) — and run once through the frozen UNet with a fixed caption (and null AU tokens when the
+pipeline has an AU adapter). Two branches read that pass (``branches``):
 
-Only the fusion and the heads train. The UNet / VAE are frozen, kept in eval mode, run under ``torch.no_grad`` and
-are not written to checkpoints: ``generator_path`` is reloaded when a checkpoint is loaded.
+- ``features``: forward hooks on the chosen ``unet.up_blocks`` collect the multi-scale decoder features; each is
+  average-pooled to ``pool_size``², flattened, standardised (BatchNorm) and projected to one ``fusion_dim`` token
+  per scale;
+- ``attention``: probes on the text cross-attention layers (``attn2``) record the attention probabilities between
+  image positions and caption tokens; one token per caption token (its maps in every layer, pooled the same way).
+
+``fusion`` joins the tokens: ``bidirectional`` cross-attention between the two branches (the paper's design),
+``concat`` of each branch's mean token, or ``self`` (a transformer encoder over a CLS token and all tokens); then
+LayerNorm + Linear (+ optional AU head). ``branches=[features], fusion=self, timestep=25`` is the earlier
+single-branch FERAnno (its checkpoints load as such).
+
+Only the branch projections, the fusion and the heads train. The UNet / VAE are frozen, kept in eval mode, run
+under ``torch.no_grad`` and are not written to checkpoints: ``generator_path`` is reloaded when a checkpoint is
+loaded.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,10 +34,14 @@ import torch.nn.functional as F
 from lightning_modules.classifier import FERClassifierBase
 from lightning_modules.generator_components import null_class_id
 from lightning_modules.guidance import ddim_inversion_step
+from lightning_modules.labeling.feranno_branches import (AttentionTap, AttentionTokens, BidirectionalFusion,
+                                                         FeatureNorm, FeatureTap, caption_token_ids, check_design)
 
 NOISE_MODES = ("add", "invert")
 FROZEN_PREFIX = "diffusion."  # state-dict prefix of the frozen generator parts (dropped from checkpoints)
 KEY = "teacher.model"         # config node named in errors
+PAPER_DESIGN = dict(timestep=1, branches=("features", "attention"), fusion="bidirectional")
+SINGLE_BRANCH = dict(branches=["features"], fusion="self")  # what checkpoints without ``branches`` were trained as
 
 
 def check_generator_path(generator_path: Optional[str | Path], key: str = f"{KEY}.generator_path") -> Path:
@@ -67,59 +79,18 @@ def check_timestep(timestep: int, horizon: int, key: str = f"{KEY}.timestep") ->
                          f"got {timestep}")
 
 
-class FeatureTap:
-    """Forward hooks on chosen blocks that keep each block's latest output; ``remove()`` detaches them."""
-
-    def __init__(self, blocks: dict[int, nn.Module]):
-        self.indices = list(blocks)
-        self.features: dict[int, torch.Tensor] = {}
-        self.handles = [block.register_forward_hook(functools.partial(self._store, i)) for i, block in blocks.items()]
-
-    def _store(self, index: int, module: nn.Module, args, output) -> None:
-        self.features[index] = output[0] if isinstance(output, (tuple, list)) else output
-
-    @property
-    def active(self) -> bool:
-        return bool(self.handles)
-
-    def clear(self) -> None:
-        self.features = {}
-
-    def collect(self) -> list[torch.Tensor]:
-        missing = [i for i in self.indices if i not in self.features]
-        if missing:
-            raise RuntimeError(f"UNet up_blocks {missing} produced no features (hooks removed?)")
-        out = [self.features[i] for i in self.indices]
-        self.clear()
-        return out
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self.clear()
-
-
-class FeatureNorm(nn.BatchNorm1d):
-    """Per-feature standardisation across the data (BatchNorm1d). Frozen UNet features share a large
-    dataset-wide component; without it the head learns several times slower (measured on the toy faces). A
-    training batch of one sample uses the running statistics instead of failing."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return super().forward(x)
-
-
 class FERAnnoTeacher(FERClassifierBase):
     def __init__(
         self,
         generator_path: Optional[str] = None,
-        timestep: int = 25,
+        timestep: int = PAPER_DESIGN["timestep"],
         noise: str = "add",
         noise_seed: int = 0,
         caption: str = "a photo of a face",
+        branches: Sequence[str] = PAPER_DESIGN["branches"],
+        fusion: str = PAPER_DESIGN["fusion"],
         feature_blocks: Optional[Sequence[int]] = None,
+        attention_layers: Optional[Sequence[str]] = None,
         pool_size: int = 4,
         fusion_dim: int = 128,
         fusion_heads: int = 4,
@@ -138,6 +109,7 @@ class FERAnnoTeacher(FERClassifierBase):
         super().__init__(num_classes, class_names)
         self.save_hyperparameters()
         path = check_generator_path(generator_path)
+        self.branches, self.fusion_mode = check_design(branches, fusion, attention_layers, KEY)
         if noise not in NOISE_MODES:
             raise ValueError(f"{KEY}.noise must be one of {NOISE_MODES}, got {noise!r}")
         if pool_size < 1:
@@ -169,36 +141,53 @@ class FERAnnoTeacher(FERClassifierBase):
             self.register_buffer("caption_states", pipe.encode_captions([caption]).to(unet.dtype), persistent=False)
             au_tokens = pipe.encode_aus(*_null_aus(pipe)).to(unet.dtype) if pipe.has_au_adapter else None
         self.register_buffer("null_au_tokens", au_tokens, persistent=False)
+        token_ids = caption_token_ids(pipe.tokenizer, caption)
         del pipe  # the text encoder is not needed any more
 
-        # ---- multi-scale decoder features
-        n_blocks = len(unet.up_blocks)
-        blocks = list(range(n_blocks)) if feature_blocks is None else [int(b) for b in feature_blocks]
-        if not blocks or len(set(blocks)) != len(blocks) or any(not 0 <= b < n_blocks for b in blocks):
-            raise ValueError(f"{KEY}.feature_blocks must be distinct indices of the UNet's {n_blocks} up_blocks "
-                             f"(0..{n_blocks - 1}), got {feature_blocks}")
-        self.feature_blocks = blocks
-        self.tap = FeatureTap({b: unet.up_blocks[b] for b in blocks})
-        channels = list(reversed(unet.config.block_out_channels))
-        self.feature_channels = [int(channels[b]) for b in blocks]
+        # ---- features branch: one token per hooked decoder block (scale)
+        self.tap, self.feature_blocks, self.feature_channels = None, [], []
+        if "features" in self.branches:
+            n_blocks = len(unet.up_blocks)
+            blocks = list(range(n_blocks)) if feature_blocks is None else [int(b) for b in feature_blocks]
+            if not blocks or len(set(blocks)) != len(blocks) or any(not 0 <= b < n_blocks for b in blocks):
+                raise ValueError(f"{KEY}.feature_blocks must be distinct indices of the UNet's {n_blocks} up_blocks "
+                                 f"(0..{n_blocks - 1}), got {feature_blocks}")
+            self.feature_blocks = blocks
+            self.tap = FeatureTap({b: unet.up_blocks[b] for b in blocks})
+            channels = list(reversed(unet.config.block_out_channels))
+            self.feature_channels = [int(channels[b]) for b in blocks]
+            flat = [c * pool_size * pool_size for c in self.feature_channels]
+            self.proj = nn.ModuleList([nn.Sequential(FeatureNorm(d), nn.Linear(d, fusion_dim)) for d in flat])
+            self.scale_embed = nn.Parameter(torch.zeros(1, len(blocks), fusion_dim))
+            nn.init.trunc_normal_(self.scale_embed, std=0.02)
 
-        # ---- trainable fusion + heads: one token per scale, attention over [CLS] + scale tokens
-        flat = [c * pool_size * pool_size for c in self.feature_channels]
-        self.proj = nn.ModuleList([nn.Sequential(FeatureNorm(d), nn.Linear(d, fusion_dim)) for d in flat])
-        self.scale_embed = nn.Parameter(torch.zeros(1, len(blocks), fusion_dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, fusion_dim))
-        nn.init.trunc_normal_(self.scale_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        layer = nn.TransformerEncoderLayer(fusion_dim, fusion_heads, dim_feedforward=2 * fusion_dim, dropout=dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(fusion_dim)
-        self.classifier = nn.Linear(fusion_dim, num_classes)
-        self.au_head = nn.Linear(fusion_dim, num_aus) if au_head else None
+        # ---- attention branch: one token per caption token
+        self.attention_tap = None
+        if "attention" in self.branches:
+            self.attention_tap = AttentionTap(unet, attention_layers, f"{KEY}.attention_layers")
+            self.attention_tokens = AttentionTokens(token_ids, len(self.attention_tap.names), pool_size, fusion_dim)
+
+        # ---- trainable fusion + heads
+        if self.fusion_mode == "self":  # attention over [CLS] + every token
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, fusion_dim))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            layer = nn.TransformerEncoderLayer(fusion_dim, fusion_heads, dim_feedforward=2 * fusion_dim,
+                                               dropout=dropout, activation="gelu", batch_first=True, norm_first=True)
+            self.fusion = nn.TransformerEncoder(layer, num_layers=fusion_layers, enable_nested_tensor=False)
+            width = fusion_dim
+        elif self.fusion_mode == "bidirectional":
+            self.fusion = BidirectionalFusion(fusion_dim, fusion_heads, fusion_layers, dropout)
+            width = 2 * fusion_dim
+        else:  # concat: each branch's mean token
+            self.fusion = None
+            width = fusion_dim * len(self.branches)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.au_head = nn.Linear(width, num_aus) if au_head else None
 
     @property
     def display_name(self) -> str:
-        return f"FERAnno t={self.hparams.timestep}"
+        return f"FERAnno t={self.hparams.timestep} {'+'.join(self.branches)} ({self.fusion_mode})"
 
     @property
     def unet(self) -> nn.Module:
@@ -214,9 +203,13 @@ class FERAnnoTeacher(FERClassifierBase):
         self.diffusion.eval()  # frozen parts never switch to training behaviour (dropout, norms)
         return self
 
+    def _taps(self) -> list:
+        return [tap for tap in (self.tap, self.attention_tap) if tap is not None]
+
     def remove_hooks(self) -> None:
-        """Detach the feature hooks from the UNet (the module can no longer classify afterwards)."""
-        self.tap.remove()
+        """Detach the feature hooks and attention probes from the UNet (the module can no longer classify)."""
+        for tap in self._taps():
+            tap.remove()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (any size) -> the UNet's clean input x0 (pixels, or VAE latents × scaling_factor)."""
@@ -248,7 +241,8 @@ class FERAnnoTeacher(FERClassifierBase):
         zero = torch.zeros_like(steps)
         out = self.unet(x0, zero, encoder_hidden_states=states, class_labels=self._null_classes(n, x0.device),
                         return_dict=False)[0]
-        self.tap.clear()
+        for tap in self._taps():
+            tap.clear()
         return ddim_inversion_step(x0, out, self.alphas_cumprod[0], self.alphas_cumprod[t],
                                    self.prediction_type).to(x0.dtype)
 
@@ -259,28 +253,62 @@ class FERAnnoTeacher(FERClassifierBase):
         return None if null is None else torch.full((n,), null, device=device, dtype=torch.long)
 
     @torch.no_grad()
-    def unet_features(self, image: torch.Tensor) -> list[torch.Tensor]:
-        """One feature map per hooked up-block, (N, C_i, H_i, W_i), in ``feature_blocks`` order (float32)."""
-        if not self.tap.active:
+    def read_unet(self, image: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """One UNet pass at ``timestep``; per enabled branch: ``features`` (one (N, C_i, H_i, W_i) map per hooked
+        up-block, in ``feature_blocks`` order) and ``attention`` (one (N, H·W, L) text attention map per probed
+        layer), float32."""
+        if not all(tap.active for tap in self._taps()):
             raise RuntimeError("the UNet feature hooks were removed (remove_hooks); rebuild the FERAnnoTeacher")
         x0 = self.encode(image)
         states = self._conditions(x0.shape[0])
         x_t = self.noisy_input(x0, states)
         steps = torch.full((x0.shape[0],), int(self.hparams.timestep), device=x0.device, dtype=torch.long)
-        self.tap.clear()
+        for tap in self._taps():
+            tap.clear()
         self.unet(x_t, steps, encoder_hidden_states=states, class_labels=self._null_classes(x0.shape[0], x0.device),
                   return_dict=False)
-        return [f.float() for f in self.tap.collect()]
+        out = {}
+        if self.tap is not None:
+            out["features"] = [f.float() for f in self.tap.collect()]
+        if self.attention_tap is not None:
+            out["attention"] = [m.float() for m in self.attention_tap.collect()]
+        return out
+
+    def unet_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self.tap is None:
+            raise RuntimeError(f"the features branch is off ({KEY}.branches={self.branches})")
+        return self.read_unet(image)["features"]
+
+    def attention_maps(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self.attention_tap is None:
+            raise RuntimeError(f"the attention branch is off ({KEY}.branches={self.branches})")
+        return self.read_unet(image)["attention"]
 
     # ------------------------------------------------------------------ forward
+    def branch_tokens(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, tokens, fusion_dim) per enabled branch: one token per scale / per caption token."""
+        read = self.read_unet(image)
+        tokens = {}
+        if "features" in read:
+            pool = self.hparams.pool_size
+            scale = [proj(F.adaptive_avg_pool2d(m, pool).flatten(1)) for proj, m in zip(self.proj, read["features"])]
+            tokens["features"] = torch.stack(scale, dim=1) + self.scale_embed
+        if "attention" in read:
+            tokens["attention"] = self.attention_tokens(read["attention"])
+        return tokens
+
     def forward_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Fused CLS embedding (N, fusion_dim) after the head's LayerNorm."""
-        maps = self.unet_features(image)
-        pool = self.hparams.pool_size
-        tokens = [proj(F.adaptive_avg_pool2d(m, pool).flatten(1)) for proj, m in zip(self.proj, maps)]
-        x = torch.stack(tokens, dim=1) + self.scale_embed
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.fusion(x)[:, 0])
+        """Fused embedding (N, width) after the head's LayerNorm."""
+        tokens = self.branch_tokens(image)
+        parts = [tokens[b] for b in self.branches]
+        if self.fusion_mode == "self":
+            x = torch.cat([self.cls_token.expand(parts[0].shape[0], -1, -1), *parts], dim=1)
+            fused = self.fusion(x)[:, 0]
+        elif self.fusion_mode == "bidirectional":
+            fused = self.fusion(tokens["features"], tokens["attention"])
+        else:
+            fused = torch.cat([p.mean(1) for p in parts], dim=1)
+        return self.norm(fused)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.forward_features(image)
@@ -295,6 +323,16 @@ class FERAnnoTeacher(FERClassifierBase):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
             del state[key]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """A checkpoint without a ``branches`` hyperparameter predates the two-branch design: it loads as the
+        single-branch FERAnno it was trained as (features, self-attention fusion)."""
+        saved = torch.load(checkpoint_path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        if "branches" not in saved:
+            kwargs = {**SINGLE_BRANCH, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Head weights from the checkpoint, frozen parts from ``generator_path`` (already loaded by __init__)."""

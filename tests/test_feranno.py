@@ -1,4 +1,4 @@
-"""FERAnno: the pseudo-label teacher on the generator's own UNet decoder features.
+"""FERAnno: the pseudo-label teacher on the generator's own UNet (default design: both branches).
 
 One small random-weight generator pipeline (the tiny architecture at 16 px with narrower blocks) serves every test:
 random UNet features with a trained head are enough to check shapes, freezing, determinism, checkpoints, the stage
@@ -60,7 +60,8 @@ def test_forward_shapes_and_one_feature_map_per_hooked_block(model, pipeline_dir
     assert [m.shape[-1] for m in maps] == [8, 16, 16] and all(m.shape[0] == 3 for m in maps)
     with torch.no_grad():
         out = model(x)
-    assert out["logits"].shape == (3, 8) and out["features"].shape == (3, HEAD["fusion_dim"])
+    # bidirectional fusion (the default): the mean feature token and the mean attention token, concatenated
+    assert out["logits"].shape == (3, 8) and out["features"].shape == (3, 2 * HEAD["fusion_dim"])
     assert model.null_au_tokens is not None  # the pipeline carries the AU adapter: null AU tokens are fed
 
     two = FERAnnoTeacher(generator_path=str(pipeline_dir), feature_blocks=[0, 2], au_head=True, **HEAD).eval()
@@ -148,6 +149,7 @@ def test_frozen_parts_get_no_gradient_and_stay_in_eval_mode(pipeline_dir):
     assert all(p.grad is None for p in frozen)
     assert all(p.grad is not None for p in model.classifier.parameters())
     assert model.proj[0][1].weight.grad.abs().sum() > 0  # gradients reach the projection of the features
+    assert model.attention_tokens.proj.weight.grad.abs().sum() > 0  # ... and of the attention maps
     model.eval()
     assert all(not m.training for m in model.modules())
 
@@ -281,8 +283,9 @@ def test_teacher_stage_with_feranno_writes_its_own_folder(tiny_cfg, tmp_path, pi
 
 
 def test_feranno_beats_chance_on_toy_faces(pipeline_dir, tmp_path):
-    """Random UNet features + a trained head, easy balanced toy faces (strong expressions, no pose jitter or
-    label noise): measured 33.8 % test accuracy here (27-33 % with other generator/data seeds; chance 12.5 %)."""
+    """Random UNet + a trained head on the default design (features + cross-attention maps at t=1, bidirectional
+    fusion), easy balanced toy faces (strong expressions, no pose jitter or label noise): measured 42.1 % test
+    accuracy here (the single-branch design, features at t=25: 33.8 %, 27-33 % with other seeds; chance 12.5 %)."""
     from datamodules.real import RealFERDataModule
 
     easy = dict(imbalance_power=0.0, label_noise=0.0, intensity_range=[1.0, 1.0], identity_bias=0.2,

@@ -1,1 +1,1 @@
-"""Labelling faces with the suite's own models (AU annotation)."""
+"""Labelling faces with the suite's own models (AU annotation; FERAnno's branches and fusion)."""

@@ -92,9 +92,12 @@ def _check_feranno(model: DictConfig, role: str) -> None:
     except FileNotFoundError as err:
         raise runtime.ConfigError(f"{key}.generator_path", str(err)) from err
     try:
-        feranno.check_timestep(model.get("timestep", 25), feranno.num_train_timesteps(path), f"{key}.timestep")
+        t = model.get("timestep", feranno.PAPER_DESIGN["timestep"])
+        feranno.check_timestep(t, feranno.num_train_timesteps(path), f"{key}.timestep")
     except ValueError as err:
         raise runtime.ConfigError(f"{key}.timestep", str(err)) from err
+    feranno.check_design(model.get("branches", feranno.PAPER_DESIGN["branches"]),
+                         model.get("fusion", feranno.PAPER_DESIGN["fusion"]), model.get("attention_layers"), key)
     noise = model.get("noise", "add")
     require(noise in feranno.NOISE_MODES, f"{key}.noise", f"must be one of {feranno.NOISE_MODES}, got {noise!r}")
     require(int(model.get("pool_size", 4)) >= 1, f"{key}.pool_size", f"must be >= 1, got {model.get('pool_size')}")
@@ -178,6 +181,8 @@ def build_classifier(cfg: DictConfig, role: str, datamodule) -> L.LightningModul
                                        num_aus=len(datamodule.vocab), class_names=datamodule.class_names,
                                        _convert_="all")
     except hydra.errors.InstantiationException as err:  # e.g. an unknown key: the model's own message
+        if isinstance(err.__cause__, runtime.ConfigError):  # the model named the exact key
+            raise err.__cause__ from None
         raise runtime.ConfigError(f"{role}.model", str(err.__cause__ or err)) from err
 
 
