@@ -138,3 +138,34 @@ def test_run_killed_in_phase2_resumes_to_the_uninterrupted_weights(tiny_cfg, tmp
         assert torch.equal(value, b["state_dict"][name]), name
     for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"]):
         assert torch.equal(x, y)
+
+
+def test_lora_phases_split_lora_and_class_embedding_from_the_au_adapter(tmp_path, single_thread):
+    from lightning_modules.generator_phases import apply_phase, phase_groups
+    from tests.tiny_sd import save_tiny_sd
+
+    schedule = {"schedule": "two_phase", "phase1_steps": 1, "phase2_steps": 1, "phase1_lr": 1e-4, "phase2_lr": 1e-3}
+    model = FERGenerator(backbone="pretrained", pretrained_path=str(save_tiny_sd(tmp_path / "sd")), image_size=32,
+                         finetune="lora", lora_rank=2, au_hidden_dim=16, label_conditioning=True, ema_decay=None,
+                         training_schedule=schedule)
+    names = {id(p): n for n, p in model.named_parameters()}
+    first, adapter = (sorted(names[id(p)] for p in group) for group in phase_groups(model))
+    # phase 1: the LoRA layers and the class embedding only (the pretrained UNet and text encoder stay frozen)
+    assert first and all("lora_" in n or n.startswith("unet.class_embedding") for n in first)
+    assert any(n.startswith("unet.class_embedding") for n in first)
+    assert adapter and all(n.startswith(("au_encoder.", "au_processors.")) or "_ip." in n for n in adapter)
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    apply_phase(model, 2)
+    assert trainable() == set(adapter) and au_attention_scale(model.au_processors) == 1.0
+    apply_phase(model, 1)
+    assert trainable() == set(first) and au_attention_scale(model.au_processors) == 0.0
+    # the optimizer: one group per phase with its own peak lr
+    from lightning_modules.generator_phases import PhaseSchedule, two_phase_optimizer
+
+    opt = two_phase_optimizer(model, PhaseSchedule.from_dict(schedule))
+    sched = opt["lr_scheduler"]["scheduler"]
+    assert [len(g["params"]) for g in opt["optimizer"].param_groups] == [len(first), len(adapter)]
+    assert [g["lr"] for g in opt["optimizer"].param_groups] == [1e-4, 0.0]  # step 0: phase 1
+    opt["optimizer"].step()  # no gradients: changes nothing, keeps the scheduler's call order
+    sched.step()
+    assert [g["lr"] for g in opt["optimizer"].param_groups] == [0.0, 1e-3]  # step 1: phase 2
