@@ -15,6 +15,9 @@ the AU branch only for the condition it was trained on. ``au_adapter=false`` is 
 dataset is known to have no AUs at all. Sampling goes through ``SynFERPipeline``
 (built on the module's own parts, EMA weights when enabled), which is also what the synthesis stage and the saved
 pipeline directory use.
+
+``training_schedule`` (lightning_modules/generator_phases.py): ``one_phase`` trains every part together;
+``two_phase`` fine-tunes on captions first (AU branch off) and then trains the AU adapter alone.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ from lightning_modules.conditioning import (AUEncoder, augment_aus, class_condit
                                             install_au_attention)
 from lightning_modules.generator_components import (BACKBONES, CLASS_EMBEDDING_INITS, SAMPLERS, add_class_embedding,
                                                     build_tiny, load_pretrained, make_sampler, null_class_id)
+from lightning_modules.generator_phases import (PhaseSchedule, PhaseTracker, rng_state, set_rng_state,
+                                               two_phase_optimizer)
 from lightning_modules.generator_pipeline import SynFERPipeline
 
 FINETUNE_MODES = ("full", "lora")
@@ -73,6 +78,7 @@ class FERGenerator(L.LightningModule):
         sample: Optional[dict] = None,
         num_classes: int = 8,
         class_names: Optional[Sequence[str]] = None,
+        training_schedule: Optional[dict] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -105,6 +111,11 @@ class FERGenerator(L.LightningModule):
             self.au_encoder = AUEncoder(len(self.vocab), parts.text_dim, au_tokens, au_hidden_dim)
             self.au_processors = install_au_attention(self.unet, au_tokens, au_attn_scale)
         self._set_trainable()
+        # every part trained in some phase, by name: the phases switch requires_grad, this set stays (EMA, optimizer)
+        self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
+        self.phases = PhaseTracker(PhaseSchedule.from_dict(training_schedule))
+        if self.phases.schedule.two_phase and self.au_encoder is None:
+            raise ValueError("a two_phase schedule trains the AU adapter in phase 2: it needs au_adapter=true")
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.sample_settings = {**dict(sampler="ddim", steps=25, text_scale=2.0, au_scale=2.0), **(sample or {})}
@@ -152,12 +163,9 @@ class FERGenerator(L.LightningModule):
             self.au_encoder.requires_grad_(True)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        seen, params = set(), []
-        for p in self.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-        return params
+        """Every parameter trained in some phase (whether or not the current phase trains it)."""
+        params = dict(self.named_parameters())
+        return [params[name] for name in self._trainable_names]
 
     # ------------------------------------------------------------------ conditions
     def captions_for(self, batch: dict) -> list[str]:
@@ -244,20 +252,31 @@ class FERGenerator(L.LightningModule):
                 self._pending_ema_state = None
             self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.phases.on_batch_start(self, self.global_step, batch_idx % self.trainer.accumulate_grad_batches == 0)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not at batch end: once per optimizer step, and before the step's checkpoint is written
         if self.ema is not None:
             self.ema.step(self.trainable_parameters())
+
+    def on_train_end(self) -> None:
+        self.phases.finish(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         checkpoint["faces_seen"] = self.faces_seen
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         seen = checkpoint.get("faces_seen")
         self._faces_recorded = seen is not None
         self._faces = int(seen["faces"]) if seen else 0
         self._faces_with_aus = torch.tensor(int(seen["with_aus"]) if seen else 0)
+        if "rng" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_state(checkpoint["rng"])  # a resumed fit draws what the uninterrupted one would have
         if "ema" in checkpoint:
             if self.ema is not None:
                 self.ema.load_state_dict(checkpoint["ema"])
@@ -268,6 +287,8 @@ class FERGenerator(L.LightningModule):
         from diffusers.optimization import get_scheduler
 
         hp = self.hparams
+        if self.phases.schedule.two_phase:
+            return two_phase_optimizer(self, self.phases.schedule)
         opt = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self._trainer.estimated_stepping_batches) if self._trainer is not None else 1000
         sched = get_scheduler(hp.lr_schedule, opt, num_warmup_steps=min(hp.warmup_steps, max(total - 1, 0)),

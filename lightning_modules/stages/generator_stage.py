@@ -66,6 +66,24 @@ def check_generator_config(cfg: DictConfig) -> None:
     if guidance.enabled:
         require(Path(str(gen.guidance.classifier)).is_file(), "generator.guidance.classifier",
                 f"guidance classifier checkpoint not found: {gen.guidance.classifier} (run stage=teacher first)")
+    if training_schedule(cfg).two_phase:
+        require(bool(model.au_adapter), "generator.training.schedule",
+                "two_phase trains the AU adapter alone in phase 2; generator.model.au_adapter=false has none "
+                "(use one_phase)")
+        # a config error rather than a skipped phase: the run would end as a phase-1 run under a two_phase name
+        require(OmegaConf.select(cfg, "data.au_source", default=None) != "none", "generator.training.schedule",
+                "two_phase trains the AU adapter on the faces' AUs in phase 2; data.au_source=none has none "
+                "(use one_phase)")
+
+
+def training_schedule(cfg: DictConfig):
+    """The generator's PhaseSchedule (``generator.training``; absent in older configs: one phase)."""
+    from lightning_modules.generator_phases import resolve_schedule
+
+    training = OmegaConf.select(cfg, "generator.training", default=None)
+    return resolve_schedule(OmegaConf.to_container(training, resolve=True) if training is not None else None,
+                            int(cfg.generator.max_steps), int(cfg.generator.max_epochs),
+                            float(cfg.generator.model.lr))
 
 
 def semantic_guidance(g: DictConfig, key: str = "generator.guidance"):
@@ -135,7 +153,8 @@ def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 def build_generator(cfg: DictConfig, datamodule) -> L.LightningModule:
     try:
         return hydra.utils.instantiate(cfg.generator.model, num_classes=datamodule.num_classes,
-                                       class_names=datamodule.class_names, _convert_="all")
+                                       class_names=datamodule.class_names,
+                                       training_schedule=training_schedule(cfg).as_dict(), _convert_="all")
     except hydra.errors.InstantiationException as err:
         raise ConfigError("generator.model", str(err.__cause__ or err)) from err
 
@@ -144,6 +163,9 @@ def resume_hash(cfg: DictConfig) -> str:
     trimmed = OmegaConf.masked_copy(cfg, ["data", "generator", "trainer", "seed"])
     for key in RESUME_IGNORED:
         trimmed.generator.pop(key, None)
+    schedule = training_schedule(cfg)
+    if schedule.two_phase:  # its phases follow max_steps: a new max_steps moves the boundary, the run starts over
+        trimmed.generator.training = schedule.as_dict()
     return runtime.config_hash(trimmed, ["data", "generator", "trainer", "seed"])
 
 
@@ -162,6 +184,13 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     model = build_generator(cfg, datamodule)
     datamodule.setup("fit")
     faces = training_data(cfg, datamodule)
+    schedule = training_schedule(cfg)
+    faces["training_schedule"] = schedule.as_dict()  # saved with the pipeline and in metrics
+    phase_args = {}
+    if schedule.two_phase and OmegaConf.select(cfg, "trainer.strategy", default=None) == "ddp":
+        # the phases switch requires_grad mid-run: DDP must not wait for the gradients of the frozen part
+        phase_args["strategy"] = "ddp_find_unused_parameters_true"
+        log.info("generator: two_phase under DDP uses strategy=ddp_find_unused_parameters_true")
     grids = GeneratorSampleGrids(grid_conditions(datamodule.records["val"], datamodule.num_classes,
                                                  len(datamodule.vocab), model.captioner),
                                  out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
@@ -169,7 +198,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     trainer, loggers = runtime.build_trainer(
         cfg, out_dir, "generator", int(gen.max_epochs), monitor=None, extra_callbacks=[grids],
         checkpoint_every_n_steps=int(gen.checkpoint_every_n_steps), max_steps=int(gen.max_steps),
-        check_val_every_n_epoch=int(gen.val_every_n_epochs))
+        check_val_every_n_epoch=int(gen.val_every_n_epochs), **phase_args)
     resume, why = runtime.resume_checkpoint(out_dir, resume_hash(cfg), enabled=bool(gen.resume))
     # a resumed run makes a new pipeline too: the old one must not outlive its deleted metrics
     runtime.clear_stage(out_dir, ["pipeline", "eval_set"] + (["grids"] if resume is None else []),
