@@ -66,16 +66,28 @@ def unlabelled_faces(datamodule: RealFERDataModule, n: Optional[int]) -> list[FE
     return faces
 
 
+def without_expression(record: FERRecord) -> FERRecord:
+    """``as_unlabelled`` and without AUs either: a face that tells the generator nothing about its expression."""
+    return dataclasses.replace(as_unlabelled(record), aus=None, au_mask=None)
+
+
 class GeneratorFERDataModule(RealFERDataModule):
     """The generator's data: the labelled train subset + ``unlabelled`` faces from outside it (0: none, None:
-    all; ``generator.data.train_limit`` - ``data.train_limit``); val and test as the real data's."""
+    all; ``generator.data.train_limit`` - ``data.train_limit``); val and test as the real data's.
 
-    def __init__(self, unlabelled: Optional[int] = 0, **kwargs):
+    ``expression_labels=False`` (the cumulative ablation's base model): every train and val face reaches the generator
+    without label, expression caption or AUs, so it learns faces but not expressions (the test split keeps its
+    labels: the evaluation still asks for expressions)."""
+
+    def __init__(self, unlabelled: Optional[int] = 0, expression_labels: bool = True, **kwargs):
         super().__init__(**kwargs)
         if unlabelled is not None and (isinstance(unlabelled, bool) or not isinstance(unlabelled, int)
                                        or unlabelled < 0):
             raise ValueError(f"generator.data.train_limit: bad number of unlabelled faces {unlabelled!r}")
+        if not isinstance(expression_labels, bool):
+            raise ValueError(f"generator.data.expression_labels must be true or false, got {expression_labels!r}")
         self.unlabelled = unlabelled
+        self.expression_labels = expression_labels
         self.num_labelled = self.num_unlabelled = 0
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -85,12 +97,19 @@ class GeneratorFERDataModule(RealFERDataModule):
         labelled = self.records["train"]
         extra = unlabelled_faces(self, self.unlabelled) if self.unlabelled != 0 else []
         self.num_labelled, self.num_unlabelled = len(labelled), len(extra)
-        if extra:
+        if not self.expression_labels:
+            labelled, extra = [without_expression(r) for r in labelled], [without_expression(r) for r in extra]
+            self.records["val"] = [without_expression(r) for r in self.records["val"]]
+            self.datasets["val"] = RecordDataset(
+                self.records["val"], self.datasets["val"].transform, num_aus=len(self.vocab),
+                num_classes=self.num_classes, with_soft_labels=self.soft_labels, name=f"{self.format} val (no labels)")
+        if extra or not self.expression_labels:
             self.records["train"] = labelled + extra
             self.datasets["train"] = RecordDataset(
                 self.records["train"], train_transform(self.image_size, self.augment, self.color_mode),
                 num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels,
-                name=f"{self.format} train (+ unlabelled)")
+                name=f"{self.format} train" + (" (+ unlabelled)" if extra else "")
+                + ("" if self.expression_labels else " (no expression labels)"))
 
     def summary(self) -> dict:
         return {**super().summary(), "train_labelled": self.num_labelled, "train_unlabelled": self.num_unlabelled}

@@ -16,7 +16,7 @@ from lightning_modules.report_students import RunProtocol, mean_std, protocol_li
 MODE_LABELS = {"real_only": "real only", "synthetic_only": "synthetic only", "concat": "real + synthetic (concat)",
                "ratio": "real + synthetic (ratio)"}
 # Ablation switches: column title -> config keys, first present wins (synthesis may override the generator's SG λ).
-SWITCHES = {"expression fine-tune": ("generator.model.expression_conditioning",),
+SWITCHES = {"expression fine-tune": ("generator.data.expression_labels",),
             "AU adapter": ("generator.model.au_adapter",),
             "SG λ": ("synthesis.guidance.embedding_scale", "generator.guidance.embedding_scale"),
             "layout init": ("synthesis.layout_init.enabled",),

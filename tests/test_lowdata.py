@@ -71,6 +71,25 @@ def test_a_numeric_limit_adds_a_seeded_part_of_the_other_faces(tiny_cfg):
     assert len(default.records["train"]) == LABELLED
 
 
+def test_without_expression_labels_the_generator_learns_faces_only(tiny_cfg):
+    """The cumulative ablation's base model: no train or val face carries a label, expression caption or AUs; the
+    test split keeps its labels (the evaluation asks for expressions); teachers are untouched."""
+    dm = build_generator_datamodule(tiny_cfg(*TOY, "generator.data.train_limit=null",
+                                             "generator.data.expression_labels=false"))
+    dm.setup("fit")
+    for split in ("train", "val"):
+        assert all(r.label == UNKNOWN_LABEL and r.caption == GENERIC and r.aus is None for r in dm.records[split])
+    assert len(dm.records["train"]) == N_TRAIN and all(r.label >= 0 for r in dm.records["test"])
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["label"] == UNKNOWN_LABEL).all() and not batch["au_mask"].any()
+    assert set(batch["caption"]) == {GENERIC}
+    teacher = build_datamodule(tiny_cfg(*TOY, "generator.data.expression_labels=false"))
+    teacher.setup("fit")
+    assert all(r.label >= 0 and r.aus is not None for r in teacher.records["train"])
+    with pytest.raises(ConfigError, match="expression_labels"):
+        build_generator_datamodule(tiny_cfg(*TOY, "generator.data.expression_labels=sometimes"))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["generator.data.train_limit=20"], "smaller than data.train_limit=40"),
     (["generator.data.train_limit=-5"], "must be a number of faces >= 1 or null"),

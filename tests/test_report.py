@@ -373,7 +373,7 @@ def test_cumulative_ablation_table_has_the_synthetic_sets_columns(tmp_path):
         job = sweep / str(num)
         _write(job, "synth_eval", {"fer_acc": acc, "au_pearson_mean": acc / 2, "fid": 50.0 - 10 * num,
                                    "kid_mean": 0.1, "judge": "/j.ckpt", "judge_also_guided": False})
-        config = {"experiment_name": experiment, "generator": {"model": {"expression_conditioning": finetune}},
+        config = {"experiment_name": experiment, "generator": {"data": {"expression_labels": finetune}},
                   "synthesis": {"guidance": {"embedding_scale": sg}, "layout_init": {"enabled": layout}}}
         (job / "synth_eval" / "config.yaml").write_text(yaml.safe_dump(config))
     run_report(_cfg(tmp_path / "run", sweep))

@@ -52,7 +52,21 @@ def test_toy_full_ablation_rows_reuse_the_full_run():
     assert no_sg.synthesis.guidance.embedding_scale == 0.0 and no_sg.generator.guidance.embedding_scale == 1.0
 
 
-@pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation")])
+def test_cumulative_rows_add_one_component_each():
+    cfg = _compose_with_hydra(["sweep=cumulative_toy_full"])
+    rows = cfg.hydra.sweeper.params["experiment"].split(",")
+    assert len(rows) == 4 and cfg.stage == "pipeline" and cfg.pipeline.reuse == "outputs/toy_full"
+    one = {row: _compose_with_hydra(["sweep=cumulative_toy_full", f"experiment={row}"]) for row in rows}
+    switches = [(c.generator.data.expression_labels, c.synthesis.guidance.embedding_scale,
+                 c.synthesis.layout_init.enabled) for c in one.values()]
+    assert switches == [(False, 0.0, False), (True, 0.0, False), (True, 1.0, False), (True, 1.0, True)]
+    for row, c in one.items():  # the sets are compared, by a judge that guides nothing; no students
+        assert c.experiment_name == row and c.synth_eval.judge == "separate" and "students" not in c.pipeline.stages
+        assert c.logger.wandb.group == "toy_full-cumulative" and c.data.toy.n_train == 500
+
+
+@pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation"),
+                                               ("cumulative_toy_full", "cumulative_toy_full")])
 def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
     spec = yaml.safe_load((CONFIG_DIR / "wandb_sweeps" / f"{name}.yaml").read_text())
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]

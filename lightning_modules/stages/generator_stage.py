@@ -144,6 +144,7 @@ def build_generator_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     try:
         return hydra.utils.instantiate(cfg.data, _target_="datamodules.unlabelled.GeneratorFERDataModule",
                                        unlabelled=unlabelled_count(cfg), image_size=int(gen.model.image_size),
+                                       expression_labels=OmegaConf.select(gen, "data.expression_labels", default=True),
                                        batch_size=int(gen.batch_size),
                                        augment=OmegaConf.to_container(gen.augment, resolve=True), _convert_="all")
     except hydra.errors.InstantiationException as err:
