@@ -151,27 +151,32 @@ def records_eval_conditions(records: Sequence[FERRecord], per_class: int, num_cl
     return records_to_conditions(chosen, seed, num_aus, captioner)
 
 
-def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Optional[int] = None,
-                          captioner: Optional[CaptionBuilder] = None) -> EvalConditions:
-    """Conditions + reference faces of ``records``; a record without AUs gets ``num_aus`` unknown AUs (default:
-    the width of the records that have AUs, 0 when none has), one without a caption ``captioner``'s."""
+def reference_faces(records: Sequence[FERRecord]) -> tuple[torch.Tensor, list[FERRecord]]:
+    """(the loadable faces of ``records`` in [0,1] at the first one's size, those records); an unreadable face (or
+    a face box outside its image) cannot be a reference: skipped, counted in one warning."""
     import torchvision.transforms.v2.functional as TF
 
     refs, kept = [], []
-    for r in records:  # an unreadable face (or a face box outside its image) cannot be a reference: skip, count
+    for r in records:
         try:
             refs.append(TF.to_dtype(TF.to_image(load_record_image(r)), torch.float32, scale=True))
             kept.append(r)
         except LOAD_ERRORS:
             continue
     if len(kept) < len(records):
-        warnings.warn(f"evaluation conditions: skipped {len(records) - len(kept)} of {len(records)} reference "
-                      "face(s) that could not be loaded", stacklevel=2)
+        warnings.warn(f"evaluation: skipped {len(records) - len(kept)} of {len(records)} reference face(s) that "
+                      "could not be loaded", stacklevel=3)
     if not kept:
-        raise ValueError("no loadable reference faces to build evaluation conditions from")
-    records = kept
+        raise ValueError("no loadable reference faces")
     size = refs[0].shape[-1]
-    refs = torch.stack([TF.resize(x, [size, size], antialias=True) for x in refs])
+    return torch.stack([TF.resize(x, [size, size], antialias=True) for x in refs]), kept
+
+
+def records_to_conditions(records: Sequence[FERRecord], seed: int, num_aus: Optional[int] = None,
+                          captioner: Optional[CaptionBuilder] = None) -> EvalConditions:
+    """Conditions + reference faces of ``records``; a record without AUs gets ``num_aus`` unknown AUs (default:
+    the width of the records that have AUs, 0 when none has), one without a caption ``captioner``'s."""
+    refs, records = reference_faces(records)
     widths = {len(r.aus) for r in records if r.aus is not None}
     if len(widths) > 1 or (widths and num_aus is not None and widths != {num_aus}):
         raise ValueError(f"evaluation conditions: records carry {sorted(widths)} AUs, expected "

@@ -91,7 +91,7 @@ def synthetic_conditions(rows: dict, seed: int):
 
 def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
     """``n`` seeded real faces of ``split`` (labelled or not) in [0,1], one size: the FID/KID reference."""
-    from lightning_modules.generation_eval import records_to_conditions
+    from lightning_modules.generation_eval import reference_faces
     from lightning_modules.stages.classifier_stage import build_datamodule
 
     datamodule = build_datamodule(cfg)
@@ -100,7 +100,7 @@ def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
     if len(records) < 2:
         raise ConfigError("synth_eval.real_split", f"the {split} split has {len(records)} face(s); FID/KID need >= 2")
     chosen = [records[i] for i in pick(len(records), n, seed)]
-    return records_to_conditions(chosen, seed, num_aus=len(datamodule.vocab)).references
+    return reference_faces(chosen)[0]
 
 
 def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int], real: Optional[torch.Tensor],
