@@ -72,3 +72,22 @@ def untrained_teacher_ckpt(tmp_path_factory) -> Path:
     torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams),
                 "pytorch-lightning_version": "2.6.0"}, path)
     return path
+
+
+# The small random generator FERAnno's tests read features from (pixel space, AU adapter, 16 px).
+SMALL_UNET = dict(block_out_channels=[16, 32, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
+SMALL_TEXT = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16)
+
+
+@pytest.fixture(scope="session")
+def small_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved SynFER pipeline (pixel space, AU adapter) with random weights."""
+    import torch
+
+    from lightning_modules.generator import FERGenerator
+
+    torch.manual_seed(0)
+    generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None)
+    path = tmp_path_factory.mktemp("generator") / "pipeline"
+    generator.save_generator(path)
+    return path

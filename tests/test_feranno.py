@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from conftest import SMALL_TEXT, SMALL_UNET
 from lightning_modules.classifier import CLASS_MARKER, FERClassifier
 from lightning_modules.feranno import FROZEN_PREFIX, FERAnnoTeacher
 from lightning_modules.runtime import ConfigError
@@ -17,21 +18,12 @@ from lightning_modules.teacher import load_fer_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL_UNET = dict(block_out_channels=[16, 32, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
-SMALL_TEXT = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16)
 HEAD = dict(pool_size=2, fusion_dim=32, fusion_heads=4, dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    """A saved SynFER pipeline (pixel space, AU adapter) with random weights."""
-    from lightning_modules.generator import FERGenerator
-
-    torch.manual_seed(0)
-    generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None)
-    path = tmp_path_factory.mktemp("generator") / "pipeline"
-    generator.save_generator(path)
-    return path
+def pipeline_dir(small_pipeline_dir):
+    return small_pipeline_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@ table, the config errors and that the fused model trains and reloads from its ch
 import lightning as L
 import pytest
 import torch
+
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
+from conftest import SMALL_TEXT, SMALL_UNET
 from lightning_modules.feranno import FERAnnoTeacher
 from lightning_modules.labeling.feranno_branches import AttentionProbe, BidirectionalFusion
 from lightning_modules.runtime import ConfigError
@@ -16,21 +18,13 @@ from lightning_modules.teacher import load_fer_classifier
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SMALL_UNET = dict(block_out_channels=[16, 32, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
-SMALL_TEXT = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=16)
 HEAD = dict(pool_size=2, fusion_dim=32, fusion_heads=4, dropout=0.0)
 D = HEAD["fusion_dim"]
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    from lightning_modules.generator import FERGenerator
-
-    torch.manual_seed(0)
-    generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None)
-    path = tmp_path_factory.mktemp("generator") / "pipeline"
-    generator.save_generator(path)
-    return path
+def pipeline_dir(small_pipeline_dir):
+    return small_pipeline_dir
 
 
 @pytest.fixture(scope="module")

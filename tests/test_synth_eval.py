@@ -56,11 +56,16 @@ def test_fid_grows_against_other_faces(tmp_path, judge):
     assert noise["fid"] > 0.1 and noise["kid_mean"] > 0
 
 
+def _stage_cfg(tiny_cfg, tmp_path, judge, n, *overrides):
+    """stage=synth_eval over an ``n``-face toy set, judged by ``judge``, synthesized with SG (λ = 1)."""
+    write_toy_synthetic_set(tmp_path / "set", n=n)
+    return tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}", f"synth_eval.judge={judge}",
+                    "synthesis.guidance.embedding_scale=1.0", *overrides)
+
+
 def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_path, untrained_teacher_ckpt):
-    write_toy_synthetic_set(tmp_path / "set", n=16)
-    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
-                   f"synth_eval.judge={untrained_teacher_ckpt}", "synth_eval.max_faces=12", f"synthesis.guidance.classifier={untrained_teacher_ckpt}",
-                   "synthesis.guidance.embedding_scale=1.0")
+    cfg = _stage_cfg(tiny_cfg, tmp_path, untrained_teacher_ckpt, 16, "synth_eval.max_faces=12",
+                     f"synthesis.guidance.classifier={untrained_teacher_ckpt}")
     metrics = train.run_stage(cfg)
     saved = json.loads((Path(cfg.paths.run_dir) / "synth_eval" / "metrics.json").read_text())
     assert saved["num_samples"] == metrics["num_samples"] == 12 and saved["set_size"] == 16
@@ -70,10 +75,8 @@ def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_
 
 
 def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_teacher_ckpt):
-    write_toy_synthetic_set(tmp_path / "set", n=8)
-    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
-                   f"synth_eval.judge={untrained_teacher_ckpt}", "synth_eval.fid=false", f"synthesis.guidance.classifier={tmp_path / 'other.ckpt'}",
-                   "synthesis.guidance.embedding_scale=1.0")
+    cfg = _stage_cfg(tiny_cfg, tmp_path, untrained_teacher_ckpt, 8, "synth_eval.fid=false",
+                     f"synthesis.guidance.classifier={tmp_path / 'other.ckpt'}")
     metrics = train.run_stage(cfg)
     assert metrics["judge_also_guided"] is False and "fid" not in metrics and metrics["real_split"] is None
 
@@ -86,9 +89,6 @@ def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_te
     ("synth_eval.input=/nowhere/set", DataFileNotFound, "/nowhere/set"),
 ])
 def test_bad_settings_name_the_key(tiny_cfg, tmp_path, untrained_teacher_ckpt, override, error, key):
-    write_toy_synthetic_set(tmp_path / "set", n=8)
-    cfg = tiny_cfg("stage=synth_eval", f"synth_eval.input={tmp_path / 'set'}",
-                   f"synth_eval.judge={untrained_teacher_ckpt}", override)
+    cfg = _stage_cfg(tiny_cfg, tmp_path, untrained_teacher_ckpt, 8, override)
     with pytest.raises(error, match=key):
         train.run_stage(cfg)
-

@@ -32,7 +32,8 @@ GENERATOR_OPTIONAL = ("eval/unguided/fer_acc", "eval/fid")  # columns shown only
 SYNTHESIS_HEADLINE = ("images", "generated_now", "seconds", "images_per_second", "world_size")
 SYNTH_EVAL_HEADLINE = ("fer_acc", "au_pearson_mean", "fid", "kid_mean", "num_samples", "judge_also_guided")
 RELABEL_HEADLINE = ("data_card/total", "data_card/kept", "data_card/hard_share", "data_card/soft_share",
-                    "data_card/dropped_share", "data_card/voter_agreement_rate", "data_card/agreement_with_condition_kept")
+                    "data_card/dropped_share", "data_card/voter_agreement_rate",
+                    "data_card/agreement_with_condition_kept")
 GENERATOR_GRIDS = ("expressions_final.png", "au_sweep_final.png", "eval_samples.png")
 # Stages in pipeline order first, anything else after, alphabetically.
 STAGE_ORDER = ("teacher", "judge", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student")
@@ -200,7 +201,8 @@ def render_results_md(metrics: dict[str, dict], images: list[str], title: str,
         lines += ["## Synthesis", "", *_table({"synthesize": metrics["synthesize"]}, SYNTHESIS_HEADLINE)]
     if "synth_eval" in metrics:
         m = metrics["synth_eval"]
-        guided = ", which also guided the synthesis: FER-Acc overrates guided faces" if m.get("judge_also_guided") else ""
+        guided = (", which also guided the synthesis: FER-Acc overrates guided faces" if m.get("judge_also_guided")
+                  else "")
         lines += [f"## Synthetic set judged (FER-Acc against the conditioned labels, FID/KID against real "
                   f"{m.get('real_split') or '–'} faces; judge `{m.get('judge')}`{guided})", "",
                   *_table({"synth_eval": m}, SYNTH_EVAL_HEADLINE)]
