@@ -40,6 +40,8 @@ def check_generator_config(cfg: DictConfig) -> None:
         require(path not in (None, "???"), "generator.model.pretrained_path",
                 "must point at a local Stable Diffusion folder (nothing is downloaded)")
         require(Path(path).is_dir(), "generator.model.pretrained_path", f"folder not found: {path}")
+    labels = OmegaConf.select(cfg, "generator.data.expression_labels", default=True)
+    require(isinstance(labels, bool), "generator.data.expression_labels", f"must be true or false, got {labels!r}")
     require(model.image_size is not None and 8 <= int(model.image_size) <= 2048, "generator.model.image_size",
             f"must be in [8, 2048], got {model.image_size}")
     require(int(gen.batch_size) >= 1, "generator.batch_size", f"must be >= 1, got {gen.batch_size}")

@@ -122,15 +122,11 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
     return metrics
 
 
-def guidance_on(cfg: DictConfig) -> bool:
-    g = cfg.synthesis.guidance
-    return any(float(g[k]) != 0 for k in ("embedding_scale", "classifier_scale", "au_scale"))
-
-
 def run_synth_eval_stage(cfg: DictConfig) -> dict:
     from datamodules.labels import parse_au_list
     from datamodules.synthetic import load_synthetic
     from lightning_modules.generation_eval import judge_record
+    from lightning_modules.stages.synthesize_stage import synthesis_guidance
     from lightning_modules.teacher import load_teacher
 
     se = cfg.synth_eval
@@ -153,7 +149,7 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
     with torch.no_grad():
         metrics = evaluate_set(dataset, judge, int(cfg.data.image_size), list(vocab.aus), real, se.max_faces,
                                int(se.seed), int(se.batch_size), float(se.au_active_threshold))
-    metrics.update(judge_record(chosen, guidance_on(cfg)), input=str(se.input), set_size=len(dataset),
+    metrics.update(judge_record(chosen, synthesis_guidance(cfg).enabled), input=str(se.input), set_size=len(dataset),
                    real_split=str(se.real_split) if se.fid else None)
     if metrics["judge_also_guided"]:
         log.warning("synth_eval: the judge %s also guided this set's synthesis: its FER-Acc overrates the guided "
