@@ -125,7 +125,7 @@ def make_batch(n: int, image_size: int, num_aus: int, device: torch.device, seed
 
 # ---------------------------------------------------------------------- 1. training step
 def build_generator(cfg: dict, device: torch.device):
-    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator.module import FERGenerator
 
     torch.manual_seed(0)
     module = FERGenerator(backbone="tiny", image_size=cfg["train_image"], ema_decay=None, unet=cfg["unet"],
@@ -289,8 +289,8 @@ def save_ldm(directory: Path, cfg: dict) -> int:
     tokenizer + DDIM), saved by diffusers' StableDiffusionPipeline. Returns the pixel size."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from lightning_modules.conditioning import tiny_text_encoder
-    from lightning_modules.generator_components import TINY_TEXT, TINY_UNET
+    from lightning_modules.generator.components import TINY_TEXT, TINY_UNET
+    from lightning_modules.generator.conditioning import tiny_text_encoder
 
     torch.manual_seed(0)
     text_cfg = {**TINY_TEXT, **(cfg["text"] or {})}
@@ -310,8 +310,8 @@ def bench_sampling(cfg: dict, device: torch.device, precision: str, workdir: Pat
     from diffusers import StableDiffusionPipeline
 
     from datamodules.labels import DISFA_AUS
-    from lightning_modules.conditioning import AUEncoder, install_au_attention
-    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.generator.conditioning import AUEncoder, install_au_attention
+    from lightning_modules.generator.pipeline import SynFERPipeline
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     pixels = save_ldm(workdir, cfg)

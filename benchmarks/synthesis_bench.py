@@ -194,7 +194,7 @@ def bench_throughput(args, workdir: Path) -> dict:
     from datamodules.labels import parse_au_list
     from datamodules.plans import build_plan
     from datamodules.synthesis import chunk_batches, num_chunks
-    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.generator.pipeline import SynFERPipeline
     from lightning_modules.stages.synthesize_stage import plan_captioner, plan_config, run_synthesize_stage
 
     if args.generator:

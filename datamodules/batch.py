@@ -21,6 +21,7 @@ class FERBatch(TypedDict, total=False):
     au_mask: torch.Tensor      # bool (N,A), False = AU unknown (not the same as intensity 0)
     caption: list[str]
     sample_id: list[str]
+    weight: torch.Tensor       # float (N,), per-sample loss weight (optional: a mixed train set's synthetic weight)
 
 
 @dataclass
@@ -106,12 +107,13 @@ class RecordDataset(torch.utils.data.Dataset):
     set by DataLoader worker processes are seen by the main process: ``unreadable()`` counts distinct bad
     records per reason, and ``FERDataLoader`` issues one warning per pass that found new ones. Under DDP each
     rank has its own flags and counts only the records it loaded. ``num_aus``/``num_classes`` fill absent
-    fields so that every sample has the same keys and collates.
+    fields so that every sample has the same keys and collates. ``weight`` (optional): every sample carries it as
+    its loss weight (a mixed train set whose synthetic part is weighted).
     """
 
     def __init__(self, records: Sequence[FERRecord], transform: Callable[[Image.Image], torch.Tensor],
                  num_aus: int, num_classes: int, with_soft_labels: bool = False, name: str = "data",
-                 flags: Optional[torch.Tensor] = None):
+                 flags: Optional[torch.Tensor] = None, weight: Optional[float] = None):
         if len(records) == 0:
             raise ValueError("RecordDataset got no records")
         self.records = list(records)
@@ -120,6 +122,7 @@ class RecordDataset(torch.utils.data.Dataset):
         self.num_classes = num_classes
         self.with_soft_labels = with_soft_labels
         self.name = name
+        self.weight = weight
         if flags is None:
             flags = torch.zeros(len(self.records), dtype=torch.uint8).share_memory_()
         if flags.shape != (len(self.records),):
@@ -127,11 +130,12 @@ class RecordDataset(torch.utils.data.Dataset):
         self.flags = flags
         self._warned = 0  # main process: how many bad records the warnings have covered
 
-    def variant(self, transform: Optional[Callable] = None, with_soft_labels: Optional[bool] = None) -> "RecordDataset":
-        """The same records (and shared failure flags) with another transform or soft-label setting."""
+    def variant(self, transform: Optional[Callable] = None, with_soft_labels: Optional[bool] = None,
+                weight: Optional[float] = None) -> "RecordDataset":
+        """The same records (and shared failure flags) with another transform, soft-label setting or weight."""
         return RecordDataset(self.records, transform or self.transform, self.num_aus, self.num_classes,
                              self.with_soft_labels if with_soft_labels is None else with_soft_labels, self.name,
-                             self.flags)
+                             self.flags, self.weight if weight is None else weight)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -171,6 +175,8 @@ class RecordDataset(torch.utils.data.Dataset):
             aus, mask = torch.zeros(self.num_aus), torch.zeros(self.num_aus, dtype=torch.bool)
         out = {"image": image, "label": torch.tensor(rec.label, dtype=torch.long), "aus": aus,
                "au_mask": mask, "caption": rec.caption, "sample_id": rec.sample_id}
+        if self.weight is not None:
+            out["weight"] = torch.tensor(float(self.weight))
         if self.with_soft_labels:
             if rec.soft_label is not None:
                 out["soft_label"] = torch.as_tensor(rec.soft_label, dtype=torch.float32)
@@ -212,13 +218,73 @@ def collate_fer(samples: list[dict]) -> FERBatch:
     return batch  # type: ignore[return-value]
 
 
-class FERDataLoader(torch.utils.data.DataLoader):
-    """A DataLoader that, in the main process, warns once per pass in which its ``RecordDataset`` (or one inside a
-    ``ConcatDataset``) found new unreadable images (workers cannot warn usefully: each would print its own)."""
+class EpochRandomSampler(torch.utils.data.RandomSampler):
+    """A shuffle whose order is a function of (seed, epoch) alone, so a resumed run can replay the epoch it was
+    killed in. Lightning calls ``set_epoch``; still a ``RandomSampler`` for Lightning's shuffle detection (under DDP
+    it is replaced by a ``DistributedSampler``, seeded the same way)."""
+
+    def __init__(self, data_source, seed: int):
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=gen).tolist())
+
+
+class _SkipFirstPass:
+    """``sampler`` whose next pass leaves out its first ``skip`` items (later passes are whole): the batches a
+    killed run already trained on are skipped as indices, no image is read for them."""
+
+    def __init__(self, sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):  # a generator: a worker iterator calls iter() twice and draws from the second only
+        skip, self.skip = self.skip, 0
+        it = iter(self.sampler)
+        for _ in range(skip):
+            next(it, None)
+        yield from it
+
+
+class FERDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader that, in the main process, warns once per pass in which its ``RecordDataset`` (or one inside a
+    ``ConcatDataset``) found new unreadable images (workers cannot warn usefully: each would print its own).
+
+    Resumable: ``shuffle=True`` draws its order from (the process seed, epoch) and worker seeds from the loader's
+    own generator, so no pass consumes the global RNG; ``skip_batches`` (set by a fit resumed mid-epoch) leaves
+    out the first batches of the next pass."""
+
+    def __init__(self, dataset, *args, shuffle: Optional[bool] = None, sampler=None, batch_sampler=None,
+                 generator=None, **kwargs):
+        seed = torch.initial_seed() % 2**62  # seed_everything's seed (an unseeded process: a random one)
+        if shuffle and sampler is None and batch_sampler is None:
+            sampler, shuffle = EpochRandomSampler(dataset, seed), None
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        super().__init__(dataset, *args, shuffle=shuffle, sampler=sampler, batch_sampler=batch_sampler,
+                         generator=generator, **kwargs)
+        self.skip_batches = 0
+
+    @property
+    def _index_sampler(self):
+        base = super()._index_sampler
+        return _SkipFirstPass(base, self._skip_now) if getattr(self, "_skip_now", 0) else base
+
+    def __iter__(self):
+        self._skip_now, self.skip_batches = self.skip_batches, 0
         try:
-            yield from super().__iter__()
+            iterator = super().__iter__()  # reads _index_sampler now
+        finally:
+            self._skip_now = 0
+        try:
+            yield from iterator
         finally:
             for dataset in getattr(self.dataset, "datasets", [self.dataset]):
                 if isinstance(dataset, RecordDataset):

@@ -1,11 +1,14 @@
 """MixedFERDataModule: a FER student's train set = real train set + synthetic set(s); val/test = real data only.
 
 Modes: ``real_only``; ``synthetic_only``; ``concat`` (one shuffled union); ``ratio`` (every batch holds exactly
-``round(ratio × batch_size)`` synthetic faces, drawn by a batch sampler, nothing copied). The synthetic part is the
-first ``round(scale × len(real train))`` (kept) rows: plans are class-interleaved, so a prefix is balanced and the
-1x set is a prefix of the 5x set.
+``round(ratio × batch_size)`` synthetic faces, drawn by a batch sampler, nothing copied); ``pretrain`` (the first
+``pretrain_fraction`` of the student's optimizer steps see only synthetic faces, the rest only real ones: one fit,
+one optimizer). The synthetic part is the first ``round(scale × len(real train))`` (kept, and with
+``min_judge_confidence`` judge-confirmed) rows: plans are class-interleaved, so a prefix is balanced and the 1x set
+is a prefix of the 5x set. ``vote_labels`` picks soft or hard vote labels, ``synthetic_loss_weight`` weighs
+synthetic faces in the loss (each train item then carries a ``weight``).
 
-The datamodule shards its own train data across ranks (``ShardedSampler``, ``MixedBatchSampler``: pure index
+The datamodule shards its own train data across ranks (datamodules/samplers.py: pure index
 logic, reshuffled per epoch from ``seed + epoch``), so the Trainer must run with ``use_distributed_sampler=False``.
 Like torch's ``DistributedSampler``, an epoch is padded by wrapping around so every rank gets the same number of
 batches (a few samples are then seen twice in that epoch).
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -25,85 +29,15 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from datamodules.errors import DataError
 from datamodules.batch import FERDataLoader, collate_fer
 from datamodules.real import RealFERDataModule
+from datamodules.samplers import MixedBatchSampler, PretrainBatchSampler, ShardedSampler
 from datamodules.synthetic import SyntheticFERDataset
 from datamodules.transforms import AugmentConfig, train_transform
 
 log = logging.getLogger(__name__)
-MODES = ("real_only", "synthetic_only", "concat", "ratio")
+MODES = ("real_only", "synthetic_only", "concat", "ratio", "pretrain")
 MIX_KEYS = ("mode", "synthetic", "scale", "ratio", "class_balance", "use_relabel", "kept_only",
-            "synthetic_augment", "seed")
-
-
-def _stream(n: int, length: int, gen: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``length`` indices in [0, n): weighted draws with replacement, else fresh permutations back to back."""
-    if weights is not None:
-        return torch.multinomial(weights, length, replacement=True, generator=gen)
-    parts = [torch.randperm(n, generator=gen) for _ in range(math.ceil(length / n))]
-    return torch.cat(parts)[:length] if parts else torch.zeros(0, dtype=torch.long)
-
-
-class ShardedSampler(torch.utils.data.Sampler[int]):
-    """Per-epoch shuffle (or class-weighted draw) of ``n`` indices, padded by wrap-around to a multiple of
-    ``world_size``; rank r takes positions r, r + world_size, ... (disjoint, together the whole epoch)."""
-
-    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 weights: Optional[torch.Tensor] = None, num_samples: Optional[int] = None):
-        if n < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"ShardedSampler needs n >= 1 and 0 <= rank < world_size, got {n}, {rank}, {world_size}")
-        self.n, self.seed, self.rank, self.world_size, self.weights = n, seed, rank, world_size, weights
-        self.total = num_samples or n
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(self.total / self.world_size)
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)  # same on every rank: they split one order
-        order = _stream(self.n, self.total, gen, self.weights)
-        padded = len(self) * self.world_size
-        order = torch.cat([order] * math.ceil(padded / self.total))[:padded]  # wrap around
-        return iter(order[self.rank::self.world_size].tolist())
-
-
-class MixedBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of ``batch_size - n_syn`` real indices [0, num_real) and ``n_syn`` synthetic indices
-    [num_real, num_real + num_synthetic), each source from its own per-epoch stream (cycling when it runs out).
-    An epoch = one pass over the real set: ``ceil(num_real / real_per_batch)`` global batches (padded to a multiple
-    of ``world_size`` by continuing the streams); rank r takes global batches r, r + world_size, ..."""
-
-    def __init__(self, num_real: int, num_synthetic: int, batch_size: int, ratio: float, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, real_weights: Optional[torch.Tensor] = None,
-                 synthetic_weights: Optional[torch.Tensor] = None):
-        self.n_syn = int(round(ratio * batch_size))
-        self.n_real = batch_size - self.n_syn
-        if not (0 < self.n_syn < batch_size):
-            raise ValueError(f"mix.ratio={ratio} gives {self.n_syn} synthetic of {batch_size} per batch; a batch needs "
-                             "both sources (use mix.mode=real_only or synthetic_only, or a bigger batch size)")
-        if num_real < 1 or num_synthetic < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"MixedBatchSampler: bad sizes/rank {num_real}, {num_synthetic}, {rank}/{world_size}")
-        self.num_real, self.num_synthetic, self.seed = num_real, num_synthetic, seed
-        self.rank, self.world_size = rank, world_size
-        self.real_weights, self.synthetic_weights = real_weights, synthetic_weights
-        self.global_batches = math.ceil(math.ceil(num_real / self.n_real) / world_size) * world_size
-        self.epoch = 0
-        self.sampler = self  # Lightning calls set_epoch only on loader.sampler / loader.batch_sampler.sampler
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.global_batches // self.world_size
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        real = _stream(self.num_real, self.global_batches * self.n_real, gen, self.real_weights)
-        syn = _stream(self.num_synthetic, self.global_batches * self.n_syn, gen, self.synthetic_weights)
-        real, syn = real.view(-1, self.n_real), syn.view(-1, self.n_syn) + self.num_real
-        for b in range(self.rank, self.global_batches, self.world_size):
-            yield real[b].tolist() + syn[b].tolist()
+            "synthetic_augment", "seed", "vote_labels", "synthetic_loss_weight", "pretrain_fraction",
+            "min_judge_confidence", "judge")
 
 
 def log_color_conversion(directories: Sequence[str], color_mode: str) -> None:
@@ -158,20 +92,67 @@ def check_mix(**mix: Any) -> None:
             raise ValueError(f"mix.synthetic_augment must be a mapping of augmentation settings or null, "
                              f"got {augment!r}")
         augment_config(augment)
-    if mode in ("synthetic_only", "ratio") and scale == 0:
+    if mode in ("synthetic_only", "ratio", "pretrain") and scale == 0:
         raise ValueError(f"mix.scale must be > 0 for mix.mode={mode} (it sets the synthetic set size)")
     if mode != "real_only" and not synthetic:
         raise ValueError(f"mix.synthetic must name synthetic set folder(s) for mix.mode={mode}")
+    check_recipe(mode, **{k: mix[k] for k in RECIPE_DEFAULTS if k in mix})
+
+
+# The recipe switches and their defaults (today's behaviour: soft vote labels, unweighted, no filter).
+RECIPE_DEFAULTS = {"vote_labels": "soft", "synthetic_loss_weight": 1.0, "pretrain_fraction": 0.5,
+                   "min_judge_confidence": None, "judge": "separate"}
+
+
+def check_recipe(mode: str, **recipe: Any) -> None:
+    """The recipe keys (checked in every mode, like the others)."""
+    from datamodules.synthetic import VOTE_LABELS
+
+    recipe = {**RECIPE_DEFAULTS, **recipe}
+    if recipe["vote_labels"] not in VOTE_LABELS:
+        raise ValueError(f"mix.vote_labels must be one of {', '.join(VOTE_LABELS)}, got {recipe['vote_labels']!r}")
+    weight = recipe["synthetic_loss_weight"]
+    if not _number(weight) or weight < 0:
+        raise ValueError(f"mix.synthetic_loss_weight must be a number >= 0 (real faces weigh 1), got {weight!r}")
+    if weight == 0 and mode in ("synthetic_only", "pretrain"):
+        # concat/ratio may use 0 (a control: the same batches, synthetic faces not learned from); here the
+        # synthetic faces are all there is (in the synthetic phase), so nothing would be learned at all
+        raise ValueError(f"mix.synthetic_loss_weight=0 leaves every sample of mix.mode={mode} "
+                         f"{'(in its synthetic phase) ' if mode == 'pretrain' else ''}weightless; use a weight > 0")
+    fraction = recipe["pretrain_fraction"]
+    if not _number(fraction) or not 0 < fraction < 1:
+        raise ValueError(f"mix.pretrain_fraction must be in (0, 1) (the share of optimizer steps on synthetic faces "
+                         f"before real ones), got {fraction!r}")
+    threshold = recipe["min_judge_confidence"]
+    if threshold is not None and (not _number(threshold) or not 0 < threshold < 1):
+        raise ValueError(f"mix.min_judge_confidence must be in (0, 1) or null (no filter), got {threshold!r}")
+    judge = recipe["judge"]
+    if not isinstance(judge, (str, os.PathLike)) or not str(judge).strip():
+        raise ValueError(f"mix.judge must be separate, guide or a checkpoint path, got {judge!r}")
 
 
 class MixedFERDataModule(L.LightningDataModule):
+    """The ``mix`` keys, plus what the stage resolves: ``judge_checkpoint`` (``judge`` as a file; None = ``judge``
+    is itself a path) and ``score_cache`` (the student's folder for cached judge scores; None = no cache).
+    ``mode=pretrain`` needs ``configure_steps`` (the student's step budget) before its train loader."""
+
     def __init__(self, real: RealFERDataModule, synthetic: str | Sequence[str] | None = None,
                  mode: str = "real_only", scale: Optional[float] = 1.0, ratio: float = 0.5, class_balance: bool = False,
                  use_relabel: bool = True, kept_only: bool = True, synthetic_augment: Optional[dict] = None,
-                 seed: int = 0):
+                 seed: int = 0, vote_labels: str = "soft", synthetic_loss_weight: float = 1.0,
+                 pretrain_fraction: float = 0.5, min_judge_confidence: Optional[float] = None,
+                 judge: str = "separate", judge_checkpoint: Optional[str] = None, score_cache: Optional[str] = None):
         super().__init__()
         check_mix(mode=mode, synthetic=synthetic, scale=scale, ratio=ratio, class_balance=class_balance,
-                  use_relabel=use_relabel, kept_only=kept_only, synthetic_augment=synthetic_augment, seed=seed)
+                  use_relabel=use_relabel, kept_only=kept_only, synthetic_augment=synthetic_augment, seed=seed,
+                  vote_labels=vote_labels, synthetic_loss_weight=synthetic_loss_weight,
+                  pretrain_fraction=pretrain_fraction, min_judge_confidence=min_judge_confidence, judge=judge)
+        self.vote_labels, self.synthetic_loss_weight = vote_labels, float(synthetic_loss_weight)
+        self.pretrain_fraction, self.min_judge_confidence = float(pretrain_fraction), min_judge_confidence
+        self.judge, self.judge_checkpoint, self.score_cache = str(judge), judge_checkpoint, score_cache
+        self.judge_kept: Optional[dict[str, Any]] = None  # filter counts for the summary
+        self.budget: Optional[dict[str, Any]] = None  # pretrain: the student's step budget (configure_steps)
+        self.steps: Optional[dict[str, int]] = None  # pretrain: total / switch optimizer steps
         self.synthetic_augment = (real.augment if synthetic_augment is None
                                   else augment_config(synthetic_augment))
         # scale None = every (kept) face of the set, e.g. the pipeline's mixed student after a vote dropped some
@@ -204,6 +185,8 @@ class MixedFERDataModule(L.LightningDataModule):
             raise ValueError(f"mix.synthetic: {self.synthetic} has no kept faces (the vote dropped all of them: lower "
                              "the threshold of the stage that wrote it, relabel.threshold or pseudolabel.threshold, "
                              "or set mix.kept_only=false)")
+        if self.min_judge_confidence is not None:
+            usable = self._judge_filter(data, usable, n)
         n = len(usable) if n is None else n
         if len(usable) < n:
             raise ValueError(f"mix.scale={self.scale} needs {n} synthetic rows (scale × {self.num_real} real train "
@@ -212,7 +195,8 @@ class MixedFERDataModule(L.LightningDataModule):
         rows = data.select(usable[:n])
         relabelled = self.use_relabel and "final_label" in cols
         labels = np.asarray(rows["final_label" if relabelled else "target_label"], dtype=np.int64)
-        num_soft = int(np.sum(rows["is_soft"])) if relabelled and "is_soft" in cols else 0
+        soft_used = relabelled and "is_soft" in cols and self.vote_labels == "soft"
+        num_soft = int(np.sum(rows["is_soft"])) if soft_used else 0
         bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
         if len(bad) or (relabelled and n and len(rows[0]["soft_label"]) != self.num_classes):
             where = f"row {rows[int(bad[0])]['sample_id']} (and {len(bad) - 1} more) has a label" if len(bad) \
@@ -221,6 +205,33 @@ class MixedFERDataModule(L.LightningDataModule):
         if n and len(rows[0]["target_aus"]) != len(self.vocab):
             raise ValueError(f"mix.synthetic: AU vectors do not match the real data's {len(self.vocab)} AUs")
         return rows, labels, num_soft
+
+    def _judge_filter(self, data, usable: np.ndarray, n: Optional[int]) -> np.ndarray:
+        """The usable rows whose training label the judge gives >= ``min_judge_confidence`` (order kept)."""
+        from lightning_modules.paradigms import judge_filter
+
+        checkpoint = Path(self.judge_checkpoint or self.judge)
+        if self.judge_checkpoint is None and self.judge in ("separate", "guide"):
+            raise ValueError(f"mix.judge={self.judge} names a run's judge; pass its checkpoint (judge_checkpoint)")
+        if not checkpoint.is_file():
+            raise ValueError(f"mix.judge={self.judge}: no judge checkpoint at {checkpoint}")
+        rows = data.select(usable)
+        labels = judge_filter.training_labels(rows, self.use_relabel, self.vote_labels)
+        probs = judge_filter.cached_scores(rows, checkpoint, self.synthetic, self.image_size, self.real.color_mode,
+                                           self.score_cache, self.num_classes)
+        keep = judge_filter.confident(probs, labels, float(self.min_judge_confidence))
+        per_class = np.bincount(labels[keep], minlength=self.num_classes).tolist()
+        self.judge_kept = {"judge_checkpoint": str(checkpoint), "judge_scored": int(len(usable)),
+                           "judge_kept": int(keep.sum()), "judge_kept_per_class": per_class}
+        log.info("mix: judge %s kept %d of %d synthetic faces (mix.min_judge_confidence=%g); per class: %s",
+                 checkpoint, keep.sum(), len(usable), self.min_judge_confidence,
+                 dict(zip(self.class_names, per_class)))
+        if (n is not None and keep.sum() < n) or not keep.any():
+            need = f"mix.scale={self.scale} needs {n}" if n is not None else "the student needs at least one"
+            raise ValueError(f"mix.min_judge_confidence={self.min_judge_confidence} keeps {int(keep.sum())} of "
+                             f"{len(usable)} usable synthetic faces of {self.synthetic} (judge {checkpoint}); {need}: "
+                             "lower the threshold or mix.scale")
+        return usable[keep]
 
     def setup(self, stage: Optional[str] = None) -> None:
         self.real.setup(stage)
@@ -241,6 +252,10 @@ class MixedFERDataModule(L.LightningDataModule):
             # same records and shared load-failure flags, so unreadable faces still reach the data summary
             real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment, real.color_mode),
                                       with_soft_labels=True)
+        # Weights only where they change something: all-ones would change nothing but the float rounding.
+        weighted = n_syn is not None and n_syn > 0 and self.synthetic_loss_weight != 1.0
+        if weighted:
+            real_ds = real_ds.variant(weight=1.0)
         real_labels = np.array([r.label if r.label >= 0 or r.soft_label is None else int(np.argmax(r.soft_label))
                                 for r in records])
         parts, labels = [], []
@@ -256,11 +271,47 @@ class MixedFERDataModule(L.LightningDataModule):
             parts.append(SyntheticFERDataset(rows, self.image_size, self.num_classes, self.use_relabel,
                                              kept_only=False, soft_labels=with_soft, color_mode=real.color_mode,
                                              transform=train_transform(self.image_size, self.synthetic_augment,
-                                                                       real.color_mode)))
+                                                                       real.color_mode),
+                                             vote_labels=self.vote_labels,
+                                             weight=self.synthetic_loss_weight if weighted else None))
             labels.append(syn_labels)
             self.synthetic_labels = syn_labels
         self.train_dataset = ConcatDataset(parts)  # real indices first, then synthetic
         self.train_labels = np.concatenate(labels)
+
+    def configure_steps(self, max_steps: Optional[int], max_epochs: int, accumulate: int = 1,
+                        limit_train_batches: Optional[int | float] = None) -> None:
+        """The student's optimizer-step budget (mode=pretrain switches at ``pretrain_fraction`` of it):
+        ``max_steps``, or with none ``max_epochs`` epochs of this train set (as ``trainer.limit_train_batches``
+        shortens them). Checked now; the split is recomputed for the Trainer's world size when the loader is made."""
+        if self.mode != "pretrain":
+            return
+        if self.train_dataset is None:
+            raise RuntimeError("MixedFERDataModule.setup('fit') has not run")
+        self.budget = dict(max_steps=max_steps, max_epochs=int(max_epochs), accumulate=max(1, int(accumulate)),
+                           limit=limit_train_batches)
+        self._step_plan(self._rank()[1])
+
+    def _step_plan(self, world: int) -> tuple[int, int, int]:
+        """(total optimizer steps, switch step, batches per epoch Lightning draws) for ``world`` ranks."""
+        if self.budget is None:
+            raise ValueError("mix.mode=pretrain needs the student's step budget (configure_steps: student.max_steps, "
+                             "or student.max_epochs)")
+        b = self.budget
+        batches = len(PretrainBatchSampler(self.num_real, self.num_synthetic, self.batch_size, 0, world_size=world))
+        limit = b["limit"]
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = int(batches * limit)
+        total = b["max_steps"] if b["max_steps"] is not None else b["max_epochs"] * math.ceil(batches / b["accumulate"])
+        switch = int(round(self.pretrain_fraction * total))
+        if not 0 < switch < total:
+            raise ValueError(f"mix.pretrain_fraction={self.pretrain_fraction} of the student's {total} optimizer "
+                             f"steps leaves no {'synthetic' if switch <= 0 else 'real'} step (student.max_steps / "
+                             "student.max_epochs set the budget)")
+        self.steps = {"total": int(total), "switch": switch}
+        return int(total), switch, batches
 
     def is_synthetic(self, index: int) -> bool:
         """Whether a train index is a synthetic face (they follow the real ones)."""
@@ -274,7 +325,14 @@ class MixedFERDataModule(L.LightningDataModule):
                       "class_balance": self.class_balance, "synthetic": self.synthetic,
                       "synthetic_size": self.num_synthetic, "soft_labels": self.num_soft,
                       "synthetic_class_counts": np.bincount(self.synthetic_labels,
-                                                            minlength=self.num_classes).tolist()}
+                                                            minlength=self.num_classes).tolist(),
+                      "vote_labels": self.vote_labels, "synthetic_loss_weight": self.synthetic_loss_weight,
+                      "pretrain_fraction": self.pretrain_fraction if self.mode == "pretrain" else None,
+                      "pretrain_switch_step": (self.steps or {}).get("switch"),
+                      "pretrain_total_steps": (self.steps or {}).get("total"),
+                      "min_judge_confidence": self.min_judge_confidence,
+                      "judge": self.judge if self.min_judge_confidence is not None else None,
+                      **(self.judge_kept or {"judge_kept": None})}
         return out
 
     # ------------------------------------------------------------------ loaders
@@ -292,15 +350,20 @@ class MixedFERDataModule(L.LightningDataModule):
         return torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
 
     def train_sampler(self):
-        """The train loader's sampler (``ShardedSampler``) or batch sampler (``MixedBatchSampler``, mode=ratio)."""
+        """The train loader's sampler (``ShardedSampler``) or batch sampler (``MixedBatchSampler``, mode=ratio;
+        ``PretrainBatchSampler``, mode=pretrain)."""
         if self.train_dataset is None:
             raise RuntimeError("MixedFERDataModule.setup('fit') has not run")
         rank, world = self._rank()
-        if self.mode == "ratio":
+        if self.mode in ("ratio", "pretrain"):
             # Each source is balanced on its own: the fixed composition would undo union-wide weights.
             weights = ((self._balance_weights(self.train_labels[:self.num_real]),
                         self._balance_weights(self.train_labels[self.num_real:])) if self.class_balance
                        else (None, None))
+            if self.mode == "pretrain":
+                _, switch, batches = self._step_plan(world)
+                return PretrainBatchSampler(self.num_real, self.num_synthetic, self.batch_size, switch, self.seed,
+                                            rank, world, self.budget["accumulate"], batches, *weights)
             return MixedBatchSampler(self.num_real, self.num_synthetic, self.batch_size, self.ratio, self.seed, rank,
                                      world, *weights)
         weights = self._balance_weights(self.train_labels) if self.class_balance else None
@@ -309,7 +372,7 @@ class MixedFERDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler()
         common = dict(num_workers=self.num_workers, collate_fn=collate_fer, persistent_workers=self.num_workers > 0)
-        if isinstance(sampler, MixedBatchSampler):
+        if isinstance(sampler, (MixedBatchSampler, PretrainBatchSampler)):
             return FERDataLoader(self.train_dataset, batch_sampler=sampler, **common)
         return FERDataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, **common)
 

@@ -4,11 +4,16 @@ A synthetic set is a folder::
 
     manifest.json            {"format": "synfer-synthetic/1", "shards": [{"name", "count"}], "count", "meta"}
     shards/<name>/           one ``Dataset.save_to_disk`` folder per shard (Arrow, memory-mapped on load)
+    README.md                dataset card (stage=synthesize; face_storage.py): ``datasets.load_dataset(<folder>,
+                             split="train", streaming=True)`` reads the shards in place
 
-Columns: ``image`` (PNG), ``sample_id``, ``seed``, ``target_label``, ``target_aus``, ``au_mask``, ``caption``,
-``guidance`` (json of the sampling settings); the relabel stage adds ``probs/<voter>``, ``final_label``,
-``soft_label``, ``is_soft``, ``confidence`` and ``kept``. Rows are never deleted: a dropped sample has
-``kept = false``.
+Columns: ``image`` (PNG unless ``synthesis.storage`` says otherwise, face_storage.py), ``sample_id``, ``seed``,
+``target_label``, ``target_aus``, ``au_mask``, ``caption``, ``guidance`` (json of the sampling settings). The
+relabel stage writes no faces: its set is a labels table joined by ``sample_id`` to the synthesized set it
+references (label_table.py), which ``load_synthetic`` and ``verify_synthetic`` resolve; the joined rows gain
+``probs/<voter>``, ``final_label``, ``soft_label``, ``is_soft``, ``confidence`` and ``kept``. Rows are never
+deleted: a dropped sample has ``kept = false``. (A relabelled set written with its faces by earlier versions is an
+image set with those columns and still loads.)
 
 Writers (one per rank, possibly on several nodes) append shards under an inter-process lock on the manifest;
 ``check_shards`` repairs a set after a kill (damaged or unlisted shards go, to be redone). stage=synthesize keeps
@@ -35,6 +40,7 @@ MANIFEST = "manifest.json"
 FORMAT = "synfer-synthetic/1"
 REQUIRED_COLUMNS = ("image", "sample_id", "target_label", "target_aus", "au_mask", "caption")
 PROVENANCE_COLUMNS = ("layout_source", "guidance", "seed")  # where a face came from; no reader's label depends on it
+VOTE_LABELS = ("soft", "hard")  # what a student learns from a relabelled face (mix.vote_labels)
 
 
 def to_pil(images: torch.Tensor, color_mode: str = "rgb") -> list[Image.Image]:
@@ -48,6 +54,10 @@ def to_pil(images: torch.Tensor, color_mode: str = "rgb") -> list[Image.Image]:
 
 
 def read_manifest(directory: str | Path) -> dict:
+    """The manifest of an image set (``synfer-synthetic/1``) or of a relabelled labels-only set
+    (``synfer-labels/1``, datamodules/label_table.py); anything else is a DataError naming the file."""
+    from datamodules.label_table import LABELS_FORMAT, check_labels_manifest
+
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise DataFileNotFound(f"not a synthetic set (no {MANIFEST}): {directory}")
@@ -55,6 +65,9 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"corrupt {path}: {err}") from err
+    if isinstance(manifest, dict) and manifest.get("format") == LABELS_FORMAT:
+        check_labels_manifest(manifest, path)
+        return manifest
     if (not isinstance(manifest, dict) or manifest.get("format") != FORMAT
             or not isinstance(manifest.get("shards"), list)
             or not all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
@@ -63,12 +76,25 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def is_label_set(manifest: dict) -> bool:
+    return manifest.get("format") != FORMAT
+
+
+def read_image_manifest(directory: str | Path) -> dict:
+    """The manifest of a set that holds its faces (shards); a labels-only set here is a DataError."""
+    manifest = read_manifest(directory)
+    if is_label_set(manifest):
+        raise DataError(f"{Path(directory) / MANIFEST} is a relabelled set (labels only, its faces are in "
+                        f"{[s['path'] for s in manifest['sources']]}); a synthesized set is needed here")
+    return manifest
+
+
 def repair_hint(manifest: Optional[dict]) -> str:
     """How to get an intact copy of a set, by the stage that wrote it (its manifest's ``meta``)."""
     meta = (manifest or {}).get("meta", {})
     if "fingerprint" in meta:
         return "rerun stage=synthesize with the same config: it verifies the set and redoes the damaged shards"
-    if "voters" in meta:
+    if "voters" in meta or is_label_set(manifest or {"format": FORMAT}):
         return "rerun stage=relabel (it writes the relabelled set again)"
     return "rerun the stage that wrote this set (stage=synthesize redoes damaged shards of its sets)"
 
@@ -94,9 +120,14 @@ def open_shard(directory: str | Path, shard: dict, manifest: Optional[dict] = No
 
 def verify_synthetic(directory: str | Path) -> dict:
     """A set is intact when its manifest parses and every listed shard is there, readable and holds the listed
-    number of rows (checked without decoding images). Returns the manifest; DataError / DataFileNotFound naming
-    the file otherwise."""
+    number of rows (checked without decoding images); a relabelled set's labels table must be readable, its
+    faces' set there, unchanged and intact, and every id must join. Returns the manifest; DataError /
+    DataFileNotFound naming the file otherwise."""
     manifest = read_manifest(directory)
+    if is_label_set(manifest):
+        from datamodules.label_table import verify_label_set
+
+        return verify_label_set(directory, manifest)
     for shard in manifest["shards"]:
         open_shard(directory, shard, manifest)
     return manifest
@@ -149,7 +180,8 @@ def write_shard(directory: str | Path, name: str, rows: dict[str, Sequence[Any]]
     with _quiet_datasets():  # one "Saving the dataset" bar per shard would bury the synthesis progress bar
         Dataset.from_dict(dict(rows), features=features).save_to_disk(str(tmp))
     with manifest_lock(directory):
-        manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else {"format": FORMAT, "shards": []}
+        manifest = (read_image_manifest(directory) if (directory / MANIFEST).is_file()
+                    else {"format": FORMAT, "shards": []})
         listed = any(s["name"] == name for s in manifest["shards"])
         if listed and not replace:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -170,7 +202,7 @@ def check_shards(directory: str | Path) -> tuple[list[str], list[str]]:
     Returns (good shard names, dropped shard names)."""
     directory = Path(directory)
     with manifest_lock(directory):
-        manifest = read_manifest(directory)
+        manifest = read_image_manifest(directory)
         good, dropped = [], []
         for shard in manifest["shards"]:
             try:
@@ -192,7 +224,7 @@ def update_manifest(directory: str | Path, sort_shards: bool = False, **meta: An
     """Merge ``meta`` into the manifest (and order the shards by name); returns the new manifest."""
     directory = Path(directory)
     with manifest_lock(directory):
-        manifest = read_manifest(directory)
+        manifest = read_image_manifest(directory)
         manifest["meta"] = {**manifest.get("meta", {}), **meta}
         if sort_shards:
             manifest["shards"] = sorted(manifest["shards"], key=lambda s: s["name"])
@@ -216,8 +248,9 @@ def write_dataset(directory: str | Path, dataset, name: str = "shard-00000", met
 
 def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incomplete: bool = False):
     """One ``datasets.Dataset`` over the shards listed in the manifests of one or several synthetic sets; shard
-    counts are checked against the manifest (a truncated shard is an error naming it). A set whose synthesis has
-    not finished is read with a warning (``allow_incomplete``: silently)."""
+    counts are checked against the manifest (a truncated shard is an error naming it). A relabelled set (labels
+    table) is its source set's faces joined with its labels by ``sample_id`` (label_table.py). A set whose
+    synthesis has not finished is read with a warning (``allow_incomplete``: silently)."""
     from datasets import concatenate_datasets
 
     if isinstance(directories, (str, Path)):
@@ -225,6 +258,11 @@ def load_synthetic(directories: str | Path | Sequence[str | Path], allow_incompl
     parts = []
     for directory in directories:
         manifest = read_manifest(directory)
+        if is_label_set(manifest):
+            from datamodules.label_table import load_label_set
+
+            parts.append(load_label_set(directory, manifest, allow_incomplete))
+            continue
         if manifest.get("meta", {}).get("complete") is False and not allow_incomplete:
             warnings.warn(f"synthetic set {directory} is incomplete ({manifest.get('count', 0)} of "
                           f"{manifest['meta'].get('plan_size', '?')} samples): its stage=synthesize run has not "
@@ -258,12 +296,17 @@ class SyntheticFERDataset(torch.utils.data.Dataset):
     ``soft_label`` when present (``use_relabel``), else the conditioned ``target_label``; ``kept_only`` hides the
     samples the vote dropped. ``soft_labels``: None = a ``soft_label`` exactly when relabelled, True = always
     (one-hot for conditioned labels), False = never (a batch needs the same keys in every item). ``color_mode``:
-    the faces are converted to it (a gray student gets gray faces from an RGB generator too)."""
+    the faces are converted to it (a gray student gets gray faces from an RGB generator too). ``vote_labels``:
+    ``soft`` = the vote's soft_label, ``hard`` = the one-hot of its final_label even where the vote was soft.
+    ``weight``: every item carries it as its loss weight (None: no ``weight`` key)."""
 
     def __init__(self, dataset, image_size: int, num_classes: int, use_relabel: bool = True,
                  kept_only: bool = True, transform=None, soft_labels: Optional[bool] = None,
-                 color_mode: str = "rgb"):
+                 color_mode: str = "rgb", vote_labels: str = "soft", weight: Optional[float] = None):
+        if vote_labels not in VOTE_LABELS:
+            raise ValueError(f"mix.vote_labels must be one of {', '.join(VOTE_LABELS)}, got {vote_labels!r}")
         self.relabelled = use_relabel and "final_label" in dataset.column_names
+        self.vote_soft, self.weight = vote_labels == "soft", weight
         if kept_only and "kept" in dataset.column_names:
             keep = np.flatnonzero(np.asarray(dataset["kept"], dtype=bool))
             dataset = dataset.select(keep)
@@ -285,8 +328,10 @@ class SyntheticFERDataset(torch.utils.data.Dataset):
                 "aus": torch.tensor(row["target_aus"], dtype=torch.float32),
                 "au_mask": torch.tensor(row["au_mask"], dtype=torch.bool),
                 "caption": row["caption"], "sample_id": row["sample_id"]}
+        if self.weight is not None:
+            item["weight"] = torch.tensor(float(self.weight))
         if self.soft_labels:
-            if self.relabelled:  # one-hot where the voters agreed
+            if self.relabelled and self.vote_soft:  # one-hot where the voters agreed
                 item["soft_label"] = torch.tensor(row["soft_label"], dtype=torch.float32)
             else:
                 item["soft_label"] = torch.nn.functional.one_hot(torch.tensor(label), self.num_classes).float()

@@ -77,7 +77,8 @@ class GeneratorFERDataModule(RealFERDataModule):
 
     ``expression_labels=False`` (the cumulative ablation's base model): every train and val face reaches the generator
     without label, expression caption or AUs, so it learns faces but not expressions (the test split keeps its
-    labels: the evaluation still asks for expressions)."""
+    labels: the evaluation still asks for expressions, and ``grid_records`` keeps the labelled val faces whose
+    conditions the sample grids request)."""
 
     def __init__(self, unlabelled: Optional[int] = 0, expression_labels: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -89,6 +90,7 @@ class GeneratorFERDataModule(RealFERDataModule):
         self.unlabelled = unlabelled
         self.expression_labels = expression_labels
         self.num_labelled = self.num_unlabelled = 0
+        self.grid_records: list = []  # the labelled val faces whose conditions the sample grids ask for
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:
@@ -97,6 +99,7 @@ class GeneratorFERDataModule(RealFERDataModule):
         labelled = self.records["train"]
         extra = unlabelled_faces(self, self.unlabelled) if self.unlabelled != 0 else []
         self.num_labelled, self.num_unlabelled = len(labelled), len(extra)
+        self.grid_records = list(self.records["val"])  # a base model's grids still ask for expressions
         if not self.expression_labels:
             labelled, extra = [without_expression(r) for r in labelled], [without_expression(r) for r in extra]
             self.records["val"] = [without_expression(r) for r in self.records["val"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -64,7 +65,7 @@ def untrained_teacher_ckpt(tmp_path_factory) -> Path:
     """An untrained tiny teacher checkpoint (8 classes, AU head): a fixed, differentiable voter or guide."""
     import torch
 
-    from lightning_modules.teacher import FERTeacher
+    from lightning_modules.paradigms.teacher import FERTeacher
 
     torch.manual_seed(0)
     teacher = FERTeacher(backbone="resnet18", num_classes=8, num_aus=12, channels_last=False)
@@ -84,10 +85,58 @@ def small_pipeline_dir(tmp_path_factory) -> Path:
     """A saved SynFER pipeline (pixel space, AU adapter) with random weights."""
     import torch
 
-    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator.module import FERGenerator
 
     torch.manual_seed(0)
     generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None)
     path = tmp_path_factory.mktemp("generator") / "pipeline"
     generator.save_generator(path)
     return path
+
+
+
+
+@pytest.fixture(autouse=True)
+def restored_environment():
+    """Whatever a test leaves in this process's environment is undone: tests that play launcher or cluster
+    (MASTER_ADDR, the sweep id the resolver hands on, ...) would otherwise pass it to every later DDP run started
+    from this process (a leaked MASTER_ADDR=cluster-node hung the next two-process test)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+class KillAtEpoch(L.Callback):
+    """Dies when ``epoch`` starts (after the previous epoch's checkpoint was written), like a preempted job."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+class EpochProbe(L.Callback):
+    """Records every epoch a run starts (``.epochs``)."""
+
+    def __init__(self):
+        self.epochs: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+
+def with_trainer_callbacks(monkeypatch, *callbacks) -> None:
+    """Every Trainer a stage builds gets ``callbacks`` on top of its own (resume, checkpoints); a second call in one
+    test replaces the first one's callbacks."""
+    from lightning_modules.run import runtime
+
+    build = getattr(runtime.build_trainer, "unpatched", runtime.build_trainer)
+
+    def patched(*args, **kwargs):
+        kwargs["extra_callbacks"] = [*kwargs.get("extra_callbacks", []), *callbacks]
+        return build(*args, **kwargs)
+
+    patched.unpatched = build
+    monkeypatch.setattr(runtime, "build_trainer", patched)

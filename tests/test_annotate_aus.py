@@ -19,11 +19,11 @@ from datamodules.labels import AUVocabulary, class_names
 from datamodules.real import CARVE_VAL_FORMATS, RealFERDataModule
 from datamodules.toyfaces import ToyFacesConfig
 from datamodules.toyfaces_export import export_toyfaces
-from lightning_modules import preflight
-from lightning_modules.classifier import CLASS_MARKER, class_path
 from lightning_modules.labeling.au_annotation import au_card, card_markdown, sidecar_names, write_sidecar
-from lightning_modules.runtime import ConfigError
-from lightning_modules.teacher import FERTeacher
+from lightning_modules.paradigms.classifier import CLASS_MARKER, class_path
+from lightning_modules.paradigms.teacher import FERTeacher
+from lightning_modules.run import preflight
+from lightning_modules.run.runtime import ConfigError
 
 VOCAB = AUVocabulary()
 BASE = [o for o in TINY if not o.startswith("data.toy.")]

@@ -159,7 +159,7 @@ SMALL_GEN = dict(unet=dict(block_out_channels=[8, 16], layers_per_block=1, atten
 
 
 def test_generator_captions_faces_without_one_and_saves_its_builder(tmp_path):
-    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator.module import FERGenerator
 
     torch.manual_seed(0)
     gen = FERGenerator(captions={"family": "auto", "data_format": "ferplus", "max_cues": 1}, **SMALL_GEN)
@@ -178,7 +178,7 @@ def test_generator_captions_faces_without_one_and_saves_its_builder(tmp_path):
 
 
 def test_generator_stage_names_a_bad_captions_block(tiny_cfg):
-    from lightning_modules.runtime import ConfigError
+    from lightning_modules.run.runtime import ConfigError
     from lightning_modules.stages.generator_stage import build_generator, build_generator_datamodule
 
     cfg = tiny_cfg("generator.model.captions.templates=['a {mood} face']")
@@ -187,7 +187,7 @@ def test_generator_stage_names_a_bad_captions_block(tiny_cfg):
 
 
 def test_caption_templates_change_the_generator_config_hash(tiny_cfg):
-    from lightning_modules import runtime
+    from lightning_modules.run import runtime
     from lightning_modules.stages.generator_stage import HASH_KEYS, resume_hash
 
     plain, other = tiny_cfg(), tiny_cfg("generator.model.captions.templates=['a {expression} person, {cues}']")
@@ -203,8 +203,8 @@ def _face(i, label, caption="", aus=None):
 
 
 def test_eval_and_grid_conditions_caption_captionless_faces_with_the_builder():
-    from lightning_modules.generation_eval import records_eval_conditions
-    from lightning_modules.generator_callbacks import grid_conditions
+    from lightning_modules.generator.callbacks import grid_conditions
+    from lightning_modules.generator.evaluation import records_eval_conditions
 
     builder = CaptionBuilder(aus=(6, 12, 4))
     records = [_face(0, NEUTRAL), _face(1, HAPPY, aus=[3.0, 4.0, 0.0]), _face(2, ANGER, caption="my own caption")]
@@ -270,8 +270,8 @@ def test_synthesis_captions_are_ones_training_gives_the_class(bare_export, tiny_
 
 
 def test_synthesis_fingerprint_follows_the_caption_templates(tiny_cfg, tmp_path):
-    from lightning_modules.generator import FERGenerator
-    from lightning_modules.runtime import ConfigError
+    from lightning_modules.generator.module import FERGenerator
+    from lightning_modules.run.runtime import ConfigError
     from lightning_modules.stages.synthesize_stage import checked_plan
 
     pipe = tmp_path / "pipeline"

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from lightning_modules.classifier import FERClassifier, create_backbone
-from lightning_modules.student import FERStudent
-from lightning_modules.teacher import FERTeacher
+from lightning_modules.paradigms.classifier import FERClassifier, create_backbone
+from lightning_modules.paradigms.student import FERStudent
+from lightning_modules.paradigms.teacher import FERTeacher
 
 
 def _batch(n=8, k=8, a=12, seed=0):

@@ -14,8 +14,8 @@ from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryV
 import train
 from conftest import REPO
 from datamodules.errors import DataError, DataFileNotFound
-from lightning_modules import preflight
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run import preflight
+from lightning_modules.run.runtime import ConfigError
 
 OFFLINE = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}

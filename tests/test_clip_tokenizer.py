@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_modules.clip_tokenizer import offline_clip_tokenizer, write_clip_vocab
+from lightning_modules.generator.clip_tokenizer import offline_clip_tokenizer, write_clip_vocab
 
 
 def test_ids_equal_open_clip(tmp_path):
@@ -20,7 +20,7 @@ def test_ids_equal_open_clip(tmp_path):
 def test_second_build_reads_the_cache_without_rebuilding(tmp_path, monkeypatch):
     import open_clip
 
-    from lightning_modules import clip_tokenizer
+    from lightning_modules.generator import clip_tokenizer
 
     first = offline_clip_tokenizer(tmp_path / "tok")
     files = [tmp_path / "tok" / name for name in ("vocab.json", "merges.txt")]

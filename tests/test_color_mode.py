@@ -18,7 +18,7 @@ from datamodules.mix import MixedFERDataModule
 from datamodules.real import RealFERDataModule
 from datamodules.synthetic import SyntheticFERDataset, load_synthetic, read_manifest, to_pil, write_shard
 from datamodules.transforms import AugmentConfig, eval_transform, gray_tensor, to_color_mode, train_transform
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 RNG = np.random.default_rng(0)

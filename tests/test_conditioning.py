@@ -1,5 +1,5 @@
-"""Conditioning (lightning_modules/conditioning.py): AU encoder, condition dropout/augmentation, decoupled AU
-cross-attention on a tiny UNet, adapter save/load, the tiny text encoder."""
+"""Conditioning (lightning_modules/generator/conditioning.py): AU encoder, condition dropout/augmentation,
+decoupled AU cross-attention on a tiny UNet, adapter save/load, the tiny text encoder."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from lightning_modules.conditioning import (AU_ADAPTER_CONFIG, AU_ADAPTER_WEIGHTS, AUEncoder, augment_aus,
-                                            cross_attention_layers, drop_conditions, encode_text,
-                                            install_au_attention, load_au_adapter, null_aus,
-                                            plain_attention_processors, save_au_adapter, set_au_attention_scale,
-                                            tiny_text_encoder)
+from lightning_modules.generator.conditioning import (AU_ADAPTER_CONFIG, AU_ADAPTER_WEIGHTS, AUEncoder, augment_aus,
+                                                      cross_attention_layers, drop_conditions, encode_text,
+                                                      install_au_attention, load_au_adapter, null_aus,
+                                                      plain_attention_processors, save_au_adapter,
+                                                      set_au_attention_scale, tiny_text_encoder)
 
 NUM_AUS, DIM, TOKENS = 6, 32, 3
 

@@ -3,7 +3,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import train
-from lightning_modules.runtime import ConfigError, config_hash
+from lightning_modules.run.runtime import ConfigError, config_hash
 
 
 def test_every_data_config_composes(tiny_cfg):
@@ -88,7 +88,7 @@ def test_config_hash_tracks_relevant_keys(tiny_cfg):
 
 def test_config_hash_does_not_depend_on_where_the_run_folder_is(tmp_path):
     from conftest import TINY, compose
-    from lightning_modules.runtime import location_free
+    from lightning_modules.run.runtime import location_free
 
     keys = ["data", "generator", "trainer", "seed"]  # generator.guidance.classifier lies in the run folder
     here, there = compose(TINY, tmp_path / "a"), compose(TINY, tmp_path / "b" / "c")

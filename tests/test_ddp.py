@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from conftest import REPO, TINY, compose
-from lightning_modules.metrics import confusion_matrix_metric
+from lightning_modules.paradigms.metrics import confusion_matrix_metric
+from lightning_modules.paradigms.teacher import load_fer_classifier
 from lightning_modules.stages.classifier_stage import build_datamodule
-from lightning_modules.teacher import load_fer_classifier
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import SMALL_TEXT, SMALL_UNET
-from lightning_modules.classifier import CLASS_MARKER, FERClassifier
-from lightning_modules.feranno import FROZEN_PREFIX, FERAnnoTeacher
-from lightning_modules.runtime import ConfigError
-from lightning_modules.teacher import load_fer_classifier
+from lightning_modules.labeling.feranno import FROZEN_PREFIX, FERAnnoTeacher
+from lightning_modules.paradigms.classifier import CLASS_MARKER, FERClassifier, class_path
+from lightning_modules.paradigms.teacher import MOVED_CLASSES, classifier_class, load_fer_classifier
+from lightning_modules.run.runtime import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -84,7 +84,7 @@ def test_pipeline_without_au_adapter_uses_text_only(pipeline_dir, tmp_path):
 def test_label_conditioned_generator_gets_the_null_class(tmp_path, noise):
     """A generator trained with class labels (datasets without AUs) needs class labels in every UNet call; FERAnno
     gives the null class, so features never depend on a label it is meant to predict."""
-    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator.module import FERGenerator
 
     torch.manual_seed(0)
     generator = FERGenerator(image_size=16, unet=SMALL_UNET, text_encoder=SMALL_TEXT, ema_decay=None,
@@ -102,8 +102,8 @@ def test_label_conditioned_generator_gets_the_null_class(tmp_path, noise):
 def test_latent_mode_encodes_with_the_frozen_vae(tmp_path):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from lightning_modules.conditioning import tiny_text_encoder
-    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.generator.conditioning import tiny_text_encoder
+    from lightning_modules.generator.pipeline import SynFERPipeline
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
@@ -180,7 +180,7 @@ def test_checkpoint_holds_the_head_only_and_reloads_identically(pipeline_dir, tm
     keys = list(ckpt["state_dict"])
     assert keys and not any(k.startswith(FROZEN_PREFIX) or "unet" in k or "vae" in k or "text_encoder" in k
                             for k in keys)
-    assert ckpt[CLASS_MARKER] == "lightning_modules.feranno.FERAnnoTeacher"
+    assert ckpt[CLASS_MARKER] == "lightning_modules.labeling.feranno.FERAnnoTeacher"
     assert path.stat().st_size < 0.5 * sum(p.numel() * 4 for p in model.diffusion.parameters())
     loaded = load_fer_classifier(path)
     assert isinstance(loaded, FERAnnoTeacher) and not loaded.training
@@ -198,11 +198,11 @@ def test_checkpoint_holds_the_head_only_and_reloads_identically(pipeline_dir, tm
 
 
 def test_generic_loader_reads_timm_checkpoints(tmp_path):
-    from lightning_modules.student import FERStudent
+    from lightning_modules.paradigms.student import FERStudent
 
     student = FERStudent(backbone="resnet18", num_classes=4, channels_last=False).eval()
     ckpt = {"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams),
-            CLASS_MARKER: "lightning_modules.student.FERStudent", "pytorch-lightning_version": L.__version__}
+            CLASS_MARKER: "lightning_modules.paradigms.student.FERStudent", "pytorch-lightning_version": L.__version__}
     torch.save(ckpt, tmp_path / "student.ckpt")
     del ckpt[CLASS_MARKER]  # written before the marker existed: recognised by its `backbone` hyperparameter
     torch.save(ckpt, tmp_path / "legacy.ckpt")
@@ -212,6 +212,28 @@ def test_generic_loader_reads_timm_checkpoints(tmp_path):
         assert type(loaded) is cls and not loaded.training and loaded.au_head is None
         with torch.no_grad():
             assert torch.allclose(loaded(x)["logits"], student(x)["logits"])
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_CLASSES.items()))
+def test_class_markers_written_before_the_subpackages_still_load(old, new):
+    cls = classifier_class({CLASS_MARKER: new})
+    assert class_path(cls) == new  # the table names where each class lives now
+    assert classifier_class({CLASS_MARKER: old}) is cls
+
+
+def test_pre_move_timm_checkpoint_loads_as_its_class(tmp_path):
+    from lightning_modules.paradigms.student import FERStudent
+
+    student = FERStudent(backbone="resnet18", num_classes=4, channels_last=False).eval()
+    torch.save({"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams),
+                CLASS_MARKER: "lightning_modules.student.FERStudent", "pytorch-lightning_version": L.__version__},
+               tmp_path / "old.ckpt")
+    loaded = load_fer_classifier(tmp_path / "old.ckpt")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert type(loaded) is FERStudent and torch.equal(loaded(x)["logits"], student(x)["logits"])
+    with pytest.raises(ValueError, match="unknown classifier class 'lightning_modules.nowhere.FERStudent'"):
+        classifier_class({CLASS_MARKER: "lightning_modules.nowhere.FERStudent"})
 
 
 # ---------------------------------------------------------------------- bad input

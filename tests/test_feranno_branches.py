@@ -11,10 +11,10 @@ import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from conftest import SMALL_TEXT, SMALL_UNET
-from lightning_modules.feranno import FERAnnoTeacher
+from lightning_modules.labeling.feranno import FERAnnoTeacher
 from lightning_modules.labeling.feranno_branches import AttentionProbe, BidirectionalFusion
-from lightning_modules.runtime import ConfigError
-from lightning_modules.teacher import load_fer_classifier
+from lightning_modules.paradigms.teacher import load_fer_classifier
+from lightning_modules.run.runtime import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,7 +42,7 @@ def _caption_tokens(model, caption):
 
 
 def model_tokenizer(model):
-    from lightning_modules.generator_pipeline import SynFERPipeline
+    from lightning_modules.generator.pipeline import SynFERPipeline
 
     return SynFERPipeline.from_pretrained(model.hparams.generator_path).tokenizer
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from datamodules.batch import FERRecord
-from lightning_modules.generation_eval import (EvalConditions, TeacherFeatures, distribution_metrics,
-                                               fidelity_metrics, records_eval_conditions, teacher_scores)
-from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
-from lightning_modules.generator_components import build_tiny, load_pretrained
+from lightning_modules.generator.callbacks import GeneratorSampleGrids, grid_conditions
+from lightning_modules.generator.components import build_tiny, load_pretrained
+from lightning_modules.generator.evaluation import (EvalConditions, TeacherFeatures, distribution_metrics,
+                                                    fidelity_metrics, records_eval_conditions, teacher_scores)
 
 AUS = [1, 2, 4]
 

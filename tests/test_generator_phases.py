@@ -7,10 +7,10 @@ import torch
 
 import train
 from tests.conftest import TINY, compose
-from lightning_modules.conditioning import au_attention_scale
-from lightning_modules.generator import FERGenerator
-from lightning_modules.generator_phases import PhaseSchedule, adapter_ids, resolve_schedule
-from lightning_modules.runtime import ConfigError
+from lightning_modules.generator.conditioning import au_attention_scale
+from lightning_modules.generator.module import FERGenerator
+from lightning_modules.generator.phases import PhaseSchedule, adapter_ids, resolve_schedule
+from lightning_modules.run.runtime import ConfigError
 
 TWO = ["generator.training.schedule=two_phase", "generator.eval.enabled=false", "generator.grids.every_n_steps=0",
        "generator.val_every_n_epochs=100", "generator.checkpoint_every_n_steps=1", "generator.model.ema_decay=0.9",
@@ -141,7 +141,7 @@ def test_run_killed_in_phase2_resumes_to_the_uninterrupted_weights(tiny_cfg, tmp
 
 
 def test_lora_phases_split_lora_and_class_embedding_from_the_au_adapter(tmp_path, single_thread):
-    from lightning_modules.generator_phases import apply_phase, phase_groups
+    from lightning_modules.generator.phases import apply_phase, phase_groups
     from tests.tiny_sd import save_tiny_sd
 
     schedule = {"schedule": "two_phase", "phase1_steps": 1, "phase2_steps": 1, "phase1_lr": 1e-4, "phase2_lr": 1e-3}
@@ -160,7 +160,7 @@ def test_lora_phases_split_lora_and_class_embedding_from_the_au_adapter(tmp_path
     apply_phase(model, 1)
     assert trainable() == set(first) and au_attention_scale(model.au_processors) == 0.0
     # the optimizer: one group per phase with its own peak lr
-    from lightning_modules.generator_phases import PhaseSchedule, two_phase_optimizer
+    from lightning_modules.generator.phases import PhaseSchedule, two_phase_optimizer
 
     opt = two_phase_optimizer(model, PhaseSchedule.from_dict(schedule))
     sched = opt["lr_scheduler"]["scheduler"]

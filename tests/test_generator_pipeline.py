@@ -1,4 +1,4 @@
-"""SynFERPipeline (lightning_modules/generator_pipeline.py) on tiny random Stable Diffusion components.
+"""SynFERPipeline (lightning_modules/generator/pipeline.py) on tiny random Stable Diffusion components.
 
 The key property: with the AU branch and guidance off it reproduces diffusers' ``StableDiffusionPipeline``.
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.conditioning import AUEncoder, install_au_attention
-from lightning_modules.generator_pipeline import LORA_WEIGHTS, SynFERPipeline, make_sampler
+from lightning_modules.generator.conditioning import AUEncoder, install_au_attention
+from lightning_modules.generator.pipeline import LORA_WEIGHTS, SynFERPipeline, make_sampler
 
 CAPTIONS = ["a smiling face", "an angry face", "a surprised face", "a sad face"]
 SEEDS = [3, 1, 4, 1]
@@ -33,7 +33,7 @@ def _scheduler():
 def _text_encoder_and_tokenizer():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.clip_tokenizer import offline_clip_tokenizer
+    from lightning_modules.generator.clip_tokenizer import offline_clip_tokenizer
 
     tok = offline_clip_tokenizer(model_max_length=MAX_LEN)
     text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
@@ -253,6 +253,52 @@ def test_call_errors(sd_dir):
              num_inference_steps=STEPS, progress=False)
 
 
+def test_settings_object_and_keywords_give_the_same_faces(sd_dir):
+    from lightning_modules.generator.sample_settings import SamplingSettings
+
+    pipe = _synfer(sd_dir)
+    settings = SamplingSettings(num_inference_steps=STEPS, text_scale=2.0, negative_prompt="x", progress=False)
+    by_object = pipe(CAPTIONS[:2], seeds=[0, 1], settings=settings).images
+    by_keywords = pipe(CAPTIONS[:2], seeds=[0, 1], num_inference_steps=STEPS, text_scale=2.0, negative_prompt="x",
+                       progress=False).images
+    assert torch.equal(by_object, by_keywords)
+    # a keyword replaces that one field of the settings object
+    other = pipe(CAPTIONS[:2], seeds=[0, 1], settings=settings, text_scale=1.0).images
+    assert not torch.equal(other, by_object)
+    assert torch.equal(other, pipe(CAPTIONS[:2], seeds=[0, 1], num_inference_steps=STEPS, negative_prompt="x",
+                                   progress=False).images)
+    with pytest.raises(TypeError, match=r"unknown sampling option\(s\) \['num_steps'\]"):
+        pipe(CAPTIONS[:2], settings=settings, num_steps=3)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_inference_steps", 0, "num_inference_steps must be >= 1"),
+    ("text_scale", -0.5, "guidance scales must be >= 0"),
+    ("label_scale", -1.0, "label_scale must be >= 0"),
+    ("init_strength", 1.5, r"init_strength must be in \[0, 1\]"),
+    ("batch_size", 0, "batch_size must be >= 1"),
+    ("output_type", "latent", "output_type must be pt, pil or np"),
+])
+def test_sampling_settings_refuse_out_of_range_values(field, value, message):
+    from lightning_modules.generator.sample_settings import SamplingSettings
+
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings.of(**{field: value})
+    assert SamplingSettings.of(text_scale=3.0).label_cfg_scale == 3.0  # the label follows the text scale
+    assert SamplingSettings.of(text_scale=3.0, label_scale=1.0).label_cfg_scale == 1.0
+
+
+def test_face_batches_slice_every_condition_alike():
+    from lightning_modules.generator.sample_settings import FaceBatch
+
+    faces = FaceBatch([f"c{i}" for i in range(5)], [""] * 5, list(range(5)), aus=torch.arange(10.).view(5, 2),
+                      labels=torch.arange(5))
+    parts = faces.batches(2)
+    assert [len(p) for p in parts] == [2, 2, 1]
+    assert parts[2].captions == ["c4"] and parts[2].seeds == [4] and parts[2].aus.tolist() == [[8.0, 9.0]]
+    assert parts[1].labels.tolist() == [2, 3] and parts[1].au_mask is None and parts[1].init_images is None
+
+
 def test_make_sampler(sd_dir):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
@@ -378,7 +424,7 @@ def test_pixel_space_save_reload(pixel_pipe, tmp_path):
         ref = _run(pixel_pipe, captions=CAPTIONS[:2], seeds=[0, 1], aus=aus, au_mask=mask, au_scale=2.0)
         pixel_pipe.save_pretrained(tmp_path / "pixel")
     finally:
-        from lightning_modules.conditioning import plain_attention_processors
+        from lightning_modules.generator.conditioning import plain_attention_processors
 
         pixel_pipe.unet.set_attn_processor(plain_attention_processors(pixel_pipe.unet))
         pixel_pipe.set_au_adapter(None, None)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import train
-from lightning_modules.generator_pipeline import LORA_WEIGHTS, SynFERPipeline
-from lightning_modules.guidance import guidance_window
-from lightning_modules.guided_sampling import ClassifierGuide
-from lightning_modules.runtime import ConfigError
+from lightning_modules.generator.base_ref import BASE_MODEL
+from lightning_modules.generator.pipeline import LORA_WEIGHTS, SynFERPipeline
+from lightning_modules.guidance.sampling import ClassifierGuide
+from lightning_modules.guidance.semantic import guidance_window
+from lightning_modules.run.runtime import ConfigError
 from tests.tiny_sd import save_tiny_sd
 
 # On top of conftest.TINY (2 steps, 16-image batches, 2-step sampling, tiny grids and evaluation).
@@ -122,18 +123,18 @@ def test_stable_diffusion_folder_backbone(tiny_cfg, tmp_path, finetune):
     out = tmp_path / "run" / "generator" / "pipeline"
     assert metrics["steps"] == 2
     assert (out / LORA_WEIGHTS).is_file() == (finetune == "lora")
-    assert (out / "vae" / "config.json").is_file()
+    # a LoRA keeps the base frozen: its folder refers to the base instead of copying UNet, VAE and text encoder
+    assert (out / BASE_MODEL).is_file() == (finetune == "lora") == (not (out / "vae").exists())
     pipe = SynFERPipeline.from_pretrained(out)
     images = _sample(pipe, torch.zeros(1, 12))
     assert images.shape == (1, 3, 32, 32)
-    # the base weights are saved without LoRA layers: plain diffusers loads the folder
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    if finetune == "full":  # plain diffusers loads the folder; full fine-tuning changed the base weights
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
-    base = UNet2DConditionModel.from_pretrained(sd / "unet").state_dict()
-    saved = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
-    same = all(torch.equal(base[k], saved[k]) for k in base)
-    assert same == (finetune == "lora")  # LoRA keeps the base frozen; full fine-tuning changes it
+        StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+        base = UNet2DConditionModel.from_pretrained(sd / "unet").state_dict()
+        saved = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+        assert not all(torch.equal(base[k], saved[k]) for k in base)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -1,11 +1,11 @@
-"""Guidance math (lightning_modules/guidance.py): which UNet passes a step needs, how they combine, x̂0."""
+"""Guidance math (lightning_modules/guidance/semantic.py): which UNet passes a step needs, how they combine, x̂0."""
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lightning_modules.guidance import GuidancePlan, combine_guidance, predict_x0
+from lightning_modules.guidance.semantic import GuidancePlan, combine_guidance, predict_x0
 
 
 # ---------------------------------------------------------------------- GuidancePlan.passes
@@ -170,9 +170,9 @@ def test_predict_x0_unknown_type_raises():
 
 
 # ---------------------------------------------------------------------- semantic guidance math
-from lightning_modules.guidance import (SemanticGuidance, au_guidance_loss, classifier_guided_noise,  # noqa: E402
-                                        ddim_inversion_step, embedding_guidance_step, expression_loss,
-                                        guidance_window, normalized_gradient, predict_epsilon)
+from lightning_modules.guidance.semantic import (SemanticGuidance, au_guidance_loss,  # noqa: E402
+                                                 classifier_guided_noise, ddim_inversion_step, embedding_guidance_step,
+                                                 expression_loss, guidance_window, normalized_gradient, predict_epsilon)
 
 
 @pytest.mark.parametrize("steps, window, expected", [
@@ -223,7 +223,7 @@ def test_sg_normalises_the_whole_gradient_by_default():
 @pytest.mark.parametrize("overrides", [[], ["generator=sd"]])
 def test_configs_default_to_the_whole_gradient_norm(tmp_path, overrides):
     from conftest import compose
-    from lightning_modules.stages.generator_stage import semantic_guidance
+    from lightning_modules.guidance.settings import semantic_guidance
 
     cfg = compose(overrides, tmp_path)
     assert cfg.generator.guidance.per_token is False and cfg.synthesis.guidance.per_token is False

@@ -11,8 +11,8 @@ import pytest
 
 import train
 from conftest import TINY, compose
-from lightning_modules.generation_eval import Judge, judge_record, resolve_judge
-from lightning_modules.runtime import ConfigError
+from lightning_modules.generator.evaluation import Judge, judge_record, resolve_judge
+from lightning_modules.run.runtime import ConfigError
 
 
 @pytest.mark.parametrize("value, mode, checkpoint", [
@@ -68,6 +68,13 @@ def _labels(cfg):
     (["generator.eval.judge=guide", "synth_eval.judge=separate", "pipeline.stages=[teacher,synthesize]"], False),
     (["generator.eval.judge=separate", "pipeline.stages=[teacher,students]"], False),
     (["generator.eval.judge=separate", "pipeline.stages=[teacher,judge]"], True),  # listed: trained on its own
+    # a student that keeps only the faces the separate judge confirms needs it, nothing else does
+    (["generator.eval.judge=guide", "synth_eval.judge=guide", "pipeline.stages=[teacher,students]",
+      "+pipeline.students.student_judged={mode: concat, min_judge_confidence: 0.5}"], True),
+    (["generator.eval.judge=guide", "synth_eval.judge=guide", "pipeline.stages=[teacher,students]",
+      "+pipeline.students.student_judged={mode: concat, min_judge_confidence: 0.5, judge: guide}"], False),
+    (["generator.eval.judge=guide", "synth_eval.judge=guide", "pipeline.stages=[teacher,students]",
+      "mix.min_judge_confidence=0.5", "mix.mode=concat"], True),  # the experiment's mix, via student_mix
 ])
 def test_the_pipeline_trains_a_judge_only_when_it_is_separate(tmp_path, overrides, has_judge):
     labels = _labels(compose([*TINY, "stage=pipeline", *overrides], tmp_path / "run"))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.conditioning import class_conditions
-from lightning_modules.generator import FERGenerator
-from lightning_modules.generator_components import add_class_embedding, build_tiny, null_class_id
-from lightning_modules.generator_pipeline import SynFERPipeline, label_guided_noise
+from lightning_modules.generator.components import add_class_embedding, build_tiny, null_class_id
+from lightning_modules.generator.conditioning import class_conditions
+from lightning_modules.generator.module import FERGenerator
+from lightning_modules.generator.pipeline import SynFERPipeline, label_guided_noise
 
 SMALL = dict(unet=dict(block_out_channels=[8, 16], layers_per_block=1, attention_head_dim=4, norm_num_groups=4,
                        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -155,7 +155,7 @@ def test_save_load_round_trip_keeps_the_class_embedding(tmp_path):
 
 
 def test_synthesis_uses_the_planned_label_as_class_condition():
-    from lightning_modules.synthesis import SynthesisModule
+    from lightning_modules.synthesis.writer import SynthesisModule
 
     gen = _generator(aus=[1, 2, 4])
     batch = {"sample_id": ["a", "b"], "target_aus": [[0.0, 1.0, 2.0], [3.0, 0.0, 0.0]],
@@ -212,7 +212,7 @@ class _Guide(torch.nn.Module):
 
 
 def test_semantic_guidance_and_layout_init_take_the_class_condition():
-    from lightning_modules.guidance import SemanticGuidance
+    from lightning_modules.guidance.semantic import SemanticGuidance
 
     pipe = _pipe(_generator())
     classes = torch.tensor([0, 1, 2])

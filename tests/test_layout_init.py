@@ -15,7 +15,7 @@ from conftest import TINY
 from datamodules.batch import FERRecord
 from datamodules.errors import DataError
 from datamodules.layout_sources import LayoutConfig, LayoutConfigError, LayoutSources, assign_sources, load_faces
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

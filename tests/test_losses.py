@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from lightning_modules.losses import hard_to_soft, masked_au_mse, smooth, soft_cross_entropy
+from lightning_modules.paradigms.losses import hard_to_soft, masked_au_mse, smooth, soft_cross_entropy
 
 
 def test_soft_ce_equals_torch_ce_on_one_hot():
@@ -47,3 +47,39 @@ def test_masked_au_mse_counts_known_aus_only():
     mask = torch.tensor([[True, False], [True, False]])
     assert masked_au_mse(pred, target, mask).item() == 0.5  # (1 + 0) / 2
     assert masked_au_mse(pred, target, torch.zeros_like(mask)).item() == 0.0
+
+
+# ------------------------------------------------------------------ per-sample weights (mix.synthetic_loss_weight)
+def test_weighted_soft_ce_is_the_batch_mean_of_weighted_rows():
+    from lightning_modules.paradigms.losses import weighted_soft_cross_entropy
+
+    torch.manual_seed(1)
+    logits = torch.randn(4, 5)
+    label = torch.tensor([0, 3, -1, 4])  # row 2 has no target: ignored, and not counted in the mean
+    target = hard_to_soft(label, 5)
+    weight = torch.tensor([1.0, 0.25, 7.0, 0.0])
+    per_row = torch.nn.functional.cross_entropy(logits, label.clamp_min(0), reduction="none")
+    expected = (1.0 * per_row[0] + 0.25 * per_row[1] + 0.0 * per_row[3]) / 3
+    assert torch.allclose(weighted_soft_cross_entropy(logits, target, weight), expected)
+    # all weights 1 = the unweighted loss
+    unweighted = soft_cross_entropy(logits, target)
+    assert torch.allclose(weighted_soft_cross_entropy(logits, target, torch.ones(4)), unweighted)
+
+
+def test_weight_zero_rows_get_no_gradient_and_bad_weights_are_refused():
+    import pytest
+
+    from lightning_modules.paradigms.losses import weighted_soft_cross_entropy
+
+    logits = torch.randn(3, 4, requires_grad=True)
+    target = hard_to_soft(torch.tensor([1, 2, 3]), 4)
+    weighted_soft_cross_entropy(logits, target, torch.tensor([1.0, 0.0, 2.0])).backward()
+    assert torch.all(logits.grad[1] == 0) and torch.any(logits.grad[0] != 0) and torch.any(logits.grad[2] != 0)
+    # row 2 (w=2) pulls twice as hard as it would with weight 1
+    logits2 = logits.detach().clone().requires_grad_(True)
+    weighted_soft_cross_entropy(logits2, target, torch.ones(3)).backward()
+    assert torch.allclose(logits.grad[2], 2 * logits2.grad[2])
+    with pytest.raises(ValueError, match="shape"):
+        weighted_soft_cross_entropy(logits, target, torch.ones(2))
+    with pytest.raises(ValueError, match=">= 0"):
+        weighted_soft_cross_entropy(logits, target, torch.tensor([1.0, -1.0, 1.0]))

@@ -14,7 +14,7 @@ import torch
 from datamodules.labels import UNKNOWN_LABEL
 from datamodules.real import RealFERDataModule
 from datamodules.unlabelled import check_disjoint, pick_unlabelled
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 from lightning_modules.stages.classifier_stage import build_datamodule, build_student_datamodule
 from lightning_modules.stages.generator_stage import build_generator_datamodule, check_generator_config
 
@@ -89,6 +89,25 @@ def test_without_expression_labels_the_generator_learns_faces_only(tiny_cfg):
     with pytest.raises(ConfigError) as err:
         check_generator_config(tiny_cfg(*TOY, "generator.data.expression_labels=sometimes"))
     assert err.value.key == "generator.data.expression_labels"
+
+
+@pytest.mark.slow
+def test_a_base_model_trains_and_its_grids_still_ask_for_expressions(tiny_cfg, tmp_path, untrained_teacher_ckpt):
+    """The base row of the cumulative ablation through the generator stage: the val faces it validates on carry no
+    labels, yet the sample grids request one face per expression (they failed with "no labelled records")."""
+    from lightning_modules.stages.generator_stage import run_generator_stage
+
+    base = tiny_cfg("stage=generator", *TOY, "generator.data.expression_labels=false",
+                    f"generator.eval.judge={untrained_teacher_ckpt}")
+    dm = build_generator_datamodule(base)
+    dm.setup("fit")
+    labelled = build_generator_datamodule(tiny_cfg(*TOY))
+    labelled.setup("fit")
+    assert all(r.label == UNKNOWN_LABEL for r in dm.records["val"])
+    assert [r.label for r in dm.grid_records] == [r.label for r in labelled.records["val"]]
+    metrics = run_generator_stage(base)
+    assert list((tmp_path / "run" / "generator" / "grids").glob("expressions_*.png")), "no expression grid drawn"
+    assert "fer_acc" in metrics["eval"]  # the evaluation asks the base model for expressions too
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -244,6 +263,9 @@ def test_fer2013_lowdata_compares_synthetic_faces_with_self_training(tmp_path):
     same = ("mode", "ratio", "scale", "class_balance", "use_relabel", "kept_only", "synthetic_augment")
     assert {k: mix[k] for k in same} == {k: selftrain[k] for k in same} and mix.mode == "ratio"
     assert list(cfg.pseudolabel.voters) == ["teacher"]  # not FERAnno: it is built on the generator
+    from lightning_modules.stages.synthesize_stage import synthesis_guidance
+
+    assert synthesis_guidance(cfg).enabled and cfg.synthesis.guidance.embedding_scale == 1.0  # SG λ = 1, as documented
 
 
 @pytest.mark.slow
@@ -264,3 +286,27 @@ def test_pipeline_self_training_student_end_to_end(tiny_cfg):
     real_only = json.loads((run / "student" / "metrics.json").read_text())
     assert real_only["data/train_size"] == selftrain["data/train_size"] == LABELLED
     assert selftrain["data/mix/synthetic_size"] == N_TRAIN - LABELLED
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], {"mode": "concat", "scale": None}),                            # real_only experiment: every kept face
+    (["experiment=affectnet8_scale"], {"mode": "concat", "scale": 1.0}),  # the experiment's own mix
+    (["mix.mode=ratio", "mix.ratio=0.25", "mix.scale=2.0"], {"mode": "ratio", "scale": 2.0, "ratio": 0.25}),
+])
+def test_the_experiments_mix_reaches_the_pipelines_mixed_student(tmp_path, overrides, expected):
+    from conftest import compose
+    from lightning_modules.stages.pipeline import student_configs
+
+    mix = student_configs(compose(overrides, tmp_path))["student_mix"].mix
+    assert {k: mix[k] for k in expected} == expected
+    plain = student_configs(compose(overrides, tmp_path))["student"].mix
+    assert plain.mode == "real_only"
+
+
+@pytest.mark.parametrize("entry", ["'the experiment'", "3"])
+def test_a_student_entry_is_mix_settings_or_experiment(tmp_path, entry):
+    from conftest import compose
+    from lightning_modules.stages.pipeline import student_configs
+
+    with pytest.raises(ConfigError, match=r"pipeline\.students\.student_mix"):
+        student_configs(compose([f"pipeline.students.student_mix={entry}"], tmp_path))

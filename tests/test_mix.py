@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.mix import MixedBatchSampler, MixedFERDataModule, ShardedSampler
+from datamodules.mix import MixedFERDataModule
+from datamodules.samplers import MixedBatchSampler, ShardedSampler
 from datamodules.real import RealFERDataModule
 from datamodules.synthetic import to_pil, write_shard
 from datamodules.transforms import eval_transform
@@ -26,7 +27,8 @@ def make_real(**kw) -> RealFERDataModule:
 
 def write_set(directory: Path, labels: list[int], relabel: dict | None = None, shards: int = 2) -> list[str]:
     """Toy faces (40 rendered, reused cyclically) stored as a synthetic set with the given target labels, in
-    ``shards`` shards; ``relabel`` adds the vote's columns (lists of len(labels)). Returns the sample ids."""
+    ``shards`` shards; ``relabel``: the vote's columns (lists of len(labels)), written as stage=relabel writes
+    them: a labels table at ``directory`` joined to the faces in ``<directory>-faces``. Returns the sample ids."""
     from datamodules.real import toy_records
     from datamodules.toyfaces import ToyFacesConfig
 
@@ -41,9 +43,14 @@ def write_set(directory: Path, labels: list[int], relabel: dict | None = None, s
                 "target_label": [labels[i] for i in part], "target_aus": [r.aus.tolist() for r in recs],
                 "au_mask": [r.au_mask.tolist() for r in recs], "caption": [r.caption for r in recs],
                 "guidance": ["{}"] * len(recs)}
-        for column, values in (relabel or {}).items():
-            rows[column] = [values[i] for i in part]
-        write_shard(directory, f"shard-{s:05d}", rows)
+        write_shard(directory.with_name(directory.name + "-faces") if relabel else directory, f"shard-{s:05d}", rows)
+    if relabel:
+        from datasets import Dataset
+
+        from datamodules.label_table import write_label_set
+
+        write_label_set(directory, [directory.with_name(directory.name + "-faces")],
+                        Dataset.from_dict({"sample_id": ids, **relabel}), {"voters": ["teacher"]})
     return ids
 
 
@@ -185,7 +192,7 @@ def test_class_balance_flattens_a_skewed_mix(sets, mode):
 
 # ---------------------------------------------------------------------------------------------- relabel
 def test_soft_labels_reach_the_batch_and_the_loss(sets):
-    from lightning_modules.classifier import FERClassifier
+    from lightning_modules.paradigms.classifier import FERClassifier
 
     directory, ids, relabel = sets["relabelled"]
     dm = mixed(directory, mode="concat", scale=0.5)  # 24 of the 48 kept rows, 8 of them soft

@@ -8,9 +8,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 
+from conftest import EpochProbe, KillAtEpoch, with_trainer_callbacks
 from datamodules.errors import DataError
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError
 from lightning_modules.stages.classifier_stage import run_classifier_stage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -117,49 +118,21 @@ def test_a_rerun_that_starts_drops_the_old_numbers_and_the_old_model(tiny_cfg, t
 
 
 # ---------------------------------------------------------------------------------------------- resume
-class KillAtEpoch(L.Callback):
-    """Dies when ``epoch`` starts (after the previous epoch's checkpoint was written), like a preempted job."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("killed")
-
-
-class EpochProbe(L.Callback):
-    def __init__(self):
-        self.epochs: list[int] = []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.epochs.append(trainer.current_epoch)
-
-
-BUILD_TRAINER = runtime.build_trainer
-
-
-def _with_callbacks(monkeypatch, *callbacks):
-    def patched(*args, **kwargs):
-        kwargs["extra_callbacks"] = list(callbacks)
-        return BUILD_TRAINER(*args, **kwargs)
-
-    monkeypatch.setattr(runtime, "build_trainer", patched)
 
 
 def test_a_killed_teacher_resumes_at_the_next_epoch(tiny_cfg, tmp_path, monkeypatch, caplog):
     out = tmp_path / "run" / "teacher"
     cfg = tiny_cfg("stage=teacher", "teacher.max_epochs=2")
-    _with_callbacks(monkeypatch, KillAtEpoch(1))
-    with caplog.at_level("INFO", logger="lightning_modules.runtime"), pytest.raises(RuntimeError, match="killed"):
+    with_trainer_callbacks(monkeypatch, KillAtEpoch(1))
+    with caplog.at_level("INFO", logger="lightning_modules.run.runtime"), pytest.raises(RuntimeError, match="killed"):
         run_classifier_stage(cfg, "teacher")
     assert "teacher: starting from scratch (no checkpoint of an earlier run)" in caplog.text
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "stage_done.json").exists()
 
     caplog.clear()
     probe = EpochProbe()
-    _with_callbacks(monkeypatch, probe)
-    with caplog.at_level("INFO", logger="lightning_modules.runtime"):
+    with_trainer_callbacks(monkeypatch, probe)
+    with caplog.at_level("INFO", logger="lightning_modules.run.runtime"):
         metrics = run_classifier_stage(cfg, "teacher")
     last = out / "checkpoints" / "last.ckpt"
     assert f"teacher: resuming from {last} (epoch 0, step 3)" in caplog.text  # 96 faces / batch 32 = 3 steps
@@ -177,12 +150,12 @@ def test_a_killed_teacher_resumes_at_the_next_epoch(tiny_cfg, tmp_path, monkeypa
 ])
 def test_a_killed_teacher_starts_over_and_says_why(tiny_cfg, tmp_path, monkeypatch, caplog, rerun, why):
     out = tmp_path / "run" / "teacher"
-    _with_callbacks(monkeypatch, KillAtEpoch(1))
+    with_trainer_callbacks(monkeypatch, KillAtEpoch(1))
     with pytest.raises(RuntimeError, match="killed"):
         run_classifier_stage(tiny_cfg("stage=teacher", "teacher.max_epochs=2"), "teacher")
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    _with_callbacks(monkeypatch, KillAtEpoch(0))  # the log line is all this test needs
-    with caplog.at_level("INFO", logger="lightning_modules.runtime"), pytest.raises(RuntimeError, match="killed"):
+    with_trainer_callbacks(monkeypatch, KillAtEpoch(0))  # the log line is all this test needs
+    with caplog.at_level("INFO", logger="lightning_modules.run.runtime"), pytest.raises(RuntimeError, match="killed"):
         run_classifier_stage(tiny_cfg("stage=teacher", "teacher.max_epochs=2", *rerun), "teacher")
     assert f"teacher: starting from scratch ({why}" in caplog.text
     assert not (out / "checkpoints" / "last.ckpt").exists()  # the old run's checkpoints went with it

@@ -108,9 +108,9 @@ def test_cli_none_writes_no_sidecar(tmp_path):
 import torch  # noqa: E402
 
 from datamodules.batch import FERRecord  # noqa: E402
-from lightning_modules.generation_eval import (AU_METRICS_SKIPPED, evaluate_generator,  # noqa: E402
-                                               fidelity_metrics, records_eval_conditions)
-from lightning_modules.generator_callbacks import grid_conditions, render_grids  # noqa: E402
+from lightning_modules.generator.callbacks import grid_conditions, render_grids  # noqa: E402
+from lightning_modules.generator.evaluation import (AU_METRICS_SKIPPED, evaluate_generator,  # noqa: E402
+                                                    fidelity_metrics, records_eval_conditions)
 
 
 def _face(i, label, aus=False, width=3):
@@ -184,7 +184,7 @@ class _NoAUHeadTeacher(torch.nn.Module):
 
 @pytest.mark.parametrize("label_conditioning", [False, True])
 def test_grids_and_evaluation_without_aus(tmp_path, label_conditioning):
-    from lightning_modules.generator import FERGenerator
+    from lightning_modules.generator.module import FERGenerator
 
     torch.manual_seed(0)
     gen = FERGenerator(label_conditioning=label_conditioning, **SMALL_GEN)
@@ -225,9 +225,9 @@ def test_generator_stage_on_ferplus_without_sidecars(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("known_aus, trained", [(False, False), (True, True)])
 def test_synthesis_requests_no_aus_from_a_generator_trained_without_them(tmp_path, known_aus, trained):
-    from lightning_modules.generator import FERGenerator
-    from lightning_modules.generator_pipeline import SynFERPipeline
-    from lightning_modules.synthesis import SynthesisModule
+    from lightning_modules.generator.module import FERGenerator
+    from lightning_modules.generator.pipeline import SynFERPipeline
+    from lightning_modules.synthesis.writer import SynthesisModule
 
     torch.manual_seed(0)
     gen = FERGenerator(**SMALL_GEN)

@@ -16,10 +16,10 @@ from tests.conftest import TINY, compose
 
 SIZES = {"train": 64, "val": 16, "test": 24}
 # Tiny and fast on top of conftest's TINY: 1-epoch voters (and the self-training teacher) keep every face,
-# 32 px generator, small synthetic set.
+# 32 px generator, small synthetic set (0.5x; the experiments whose own mix reaches student_mix take all of it).
 PIPELINE = ("stage=pipeline", "pipeline.feranno.max_epochs=1", "relabel.threshold=0", "pseudolabel.threshold=0",
             "data.image_size=32", "data.num_workers=0", "data.batch_size=32", "generator.model.image_size=32",
-            "synthesis.plan.scale=0.5", "synthesis.sample.steps=2", "trainer=cpu", "logger=csv")
+            "synthesis.plan.scale=0.5", "mix.scale=0.5", "synthesis.sample.steps=2", "trainer=cpu", "logger=csv")
 STEPS = ("teacher", "generator", "synthesize", "synth_eval", "feranno", "relabel", "student", "student_mix")
 LOWDATA = ("pseudolabel", "student_selftrain")  # the low-data experiments add the self-training baseline
 
@@ -30,9 +30,10 @@ RUNS = {
     "toy_lowdata": ["experiment=toy_lowdata", "data.train_limit=48", "pipeline.student_seeds=null"],
     "rafdb_scale": ["experiment=rafdb_scale", "generator=tiny"],
     "affectnet8_scale": ["experiment=affectnet8_scale", "generator=tiny"],
-    "fer2013_lowdata": ["experiment=fer2013_lowdata", "generator=tiny", "data.train_limit=48"],
     "fer2013_lowdata_cpu": ["experiment=fer2013_lowdata_cpu", "data.train_limit=48"],
 }
+# Same format and steps as a run above, so only its plan is checked (each full run costs ~40 s of the suite).
+PLANNED = {"fer2013_lowdata": ["experiment=fer2013_lowdata", "generator=tiny", "data.train_limit=48"]}
 FORMAT = {"ferplus": "ferplus", "toy_lowdata": "imagefolder", "rafdb_scale": "rafdb",
           "affectnet8_scale": "affectnet", "fer2013_lowdata": "fer2013", "fer2013_lowdata_cpu": "fer2013"}
 
@@ -66,3 +67,14 @@ def test_pipeline_runs_on_a_download_without_sidecars(export, tmp_path, name):
     for student in ("student", "student_mix"):
         metrics = json.loads((run / student / "metrics.json").read_text())
         assert metrics["data/test_size"] == export.counts[FORMAT[name]]["test"] and "test/acc" in metrics
+
+
+@pytest.mark.parametrize("name", sorted(PLANNED))
+def test_the_other_experiments_plan_every_step_on_a_download(export, tmp_path, name):
+    from lightning_modules.stages.pipeline import _plan
+
+    cfg = compose([*[o for o in TINY if not o.startswith("data.toy.")], *PLANNED[name], *PIPELINE,
+                   f"data.root={export[FORMAT[name]]}"], tmp_path / "run")
+    assert cfg.data.openface is None and cfg.data.captions is None
+    labels = [label for label, _ in _plan(cfg)]
+    assert all(s in labels for s in STEPS + LOWDATA), labels

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, TINY
 from datamodules.synthetic import MANIFEST, SyntheticFERDataset, load_synthetic, read_manifest, write_shard
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 from synthetic_fixtures import write_toy_synthetic_set
 
 N_FACES = 40  # write_toy_synthetic_set's default
@@ -88,8 +88,8 @@ def test_truncated_or_missing_shard_is_detected(synthetic_set):
 
 # ---------------------------------------------------------------------- the stage
 def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_set):
+    from lightning_modules.paradigms.teacher import load_fer_classifier
     from lightning_modules.stages.relabel_stage import run_relabel_stage
-    from lightning_modules.teacher import load_fer_classifier
 
     directory, ids = synthetic_set
     cfg = tiny_cfg(*_relabel_overrides(directory, voters))
@@ -114,7 +114,7 @@ def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_se
     assert metrics["data_card"]["total"] == N_FACES
     # the conditioned label voted (the default), with weight 1 next to the two teachers' 1 each: the stored labels
     # are that vote on the stored probabilities, and the card counts every face under exactly one rule
-    from lightning_modules.voting import ensemble_vote
+    from lightning_modules.labeling.voting import ensemble_vote
 
     assert card["condition_voter"] == {"enabled": True, "weight": 1.0}
     cond = torch.tensor(relabelled["target_label"])
@@ -129,6 +129,10 @@ def test_relabel_stage_writes_votes_and_data_card(tiny_cfg, voters, synthetic_se
     assert [r["hard"] + r["soft"] + r["dropped"] for r in card["per_class"]] == [r["before"] for r in card["per_class"]]
     assert read_manifest(out / "dataset")["meta"]["condition_voter"] == {"enabled": True, "weight": 1.0}
     assert "| all voters agree: hard label |" in (out / "data_card.md").read_text()
+    # no copy of the faces: a labels table + a reference to the input set, the data card as the set's README.md
+    assert sorted(p.name for p in (out / "dataset").iterdir()) == ["README.md", "labels.parquet", MANIFEST]
+    assert read_manifest(out / "dataset")["sources"][0]["absolute"] == str(directory.resolve())
+    assert "| all voters agree: hard label |" in (out / "dataset" / "README.md").read_text()
     # the reader serves kept faces only, with the relabelled (soft) labels
     kept = SyntheticFERDataset(relabelled, 32, 8)
     assert len(kept) == card["kept"]
@@ -148,8 +152,8 @@ def test_relabel_threshold_one_drops_but_keeps_every_row(tiny_cfg, voters, synth
 
 @pytest.mark.parametrize("weight", [0.0, "off"])
 def test_relabel_without_the_condition_voter_is_the_teachers_vote(tiny_cfg, voters, synthetic_set, weight):
+    from lightning_modules.labeling.voting import ensemble_vote
     from lightning_modules.stages.relabel_stage import card_metrics, run_relabel_stage
-    from lightning_modules.voting import ensemble_vote
 
     directory, _ = synthetic_set
     switch = "relabel.condition_voter.enabled=false" if weight == "off" else f"relabel.condition_voter.weight={weight}"
@@ -282,12 +286,13 @@ def test_merge_predictions_orders_by_id_and_rejects_duplicates_and_gaps(tmp_path
 
 
 def test_voters_with_different_class_counts_are_a_config_error(tiny_cfg, voters, synthetic_set, tmp_path):
+    from lightning_modules.paradigms.student import FERStudent
     from lightning_modules.stages.relabel_stage import run_relabel_stage
-    from lightning_modules.student import FERStudent
 
     four = FERStudent(backbone="resnet18", num_classes=4, channels_last=False)
     ckpt = {"state_dict": four.state_dict(), "hyper_parameters": dict(four.hparams),
-            "fer_classifier_class": "lightning_modules.student.FERStudent", "pytorch-lightning_version": "2.6.0"}
+            "fer_classifier_class": "lightning_modules.paradigms.student.FERStudent",
+            "pytorch-lightning_version": "2.6.0"}
     torch.save(ckpt, tmp_path / "four.ckpt")
     directory, _ = synthetic_set
     cfg = tiny_cfg(*_relabel_overrides(directory, voters), f"relabel.voters.teacher.checkpoint={tmp_path / 'four.ckpt'}")

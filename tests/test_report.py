@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import yaml
@@ -101,7 +102,7 @@ def test_scaling_table_and_plot_from_a_sweep_folder(tmp_path):
 
 
 def test_scaling_baseline_from_config_and_repeated_points(tmp_path):
-    from lightning_modules.report_plots import StudentRecord, scaling_markdown, scaling_table
+    from lightning_modules.report.plots import StudentRecord, scaling_markdown, scaling_table
     from lightning_modules.stages.report import run_report
 
     _job(tmp_path / "base", "student", 0.5, "real_only")
@@ -160,7 +161,7 @@ def test_synthetic_sample_grid_linked(tmp_path):
     from synthetic_fixtures import write_toy_synthetic_set
 
     from datamodules.synthetic import load_synthetic
-    from lightning_modules.report_plots import pick_per_class
+    from lightning_modules.report.plots import pick_per_class
     from lightning_modules.stages.report import run_report
 
     run = tmp_path / "run"
@@ -250,7 +251,7 @@ def test_classifier_table_states_seeds_noise_and_steps(tmp_path, per_epoch_mix, 
 
 
 def test_no_note_no_banner_and_bad_note_is_a_config_error(tmp_path):
-    from lightning_modules.runtime import ConfigError
+    from lightning_modules.run.runtime import ConfigError
     from lightning_modules.stages.report import run_report
 
     run = tmp_path / "run"
@@ -368,23 +369,66 @@ def test_cumulative_ablation_table_has_the_synthetic_sets_columns(tmp_path):
 
     sweep = tmp_path / "cumulative"
     rows = [("base", False, 0.0, False, 0.13), ("finetune", True, 0.0, False, 0.40), ("sg", True, 1.0, False, 0.55),
-            ("layout", True, 1.0, True, 0.60)]
+            ("layout", True, 1.0, True, 0.60), ("sg_per_token", True, 1.0, False, 0.50)]
     for num, (experiment, finetune, sg, layout, acc) in enumerate(rows):
         job = sweep / str(num)
         _write(job, "synth_eval", {"fer_acc": acc, "au_pearson_mean": acc / 2, "fid": 50.0 - 10 * num,
                                    "kid_mean": 0.1, "judge": "/j.ckpt", "judge_also_guided": False})
         config = {"experiment_name": experiment, "generator": {"data": {"expression_labels": finetune}},
-                  "synthesis": {"guidance": {"embedding_scale": sg}, "layout_init": {"enabled": layout}}}
+                  "synthesis": {"guidance": {"embedding_scale": sg, "per_token": experiment.endswith("per_token")},
+                                "layout_init": {"enabled": layout}}}
         (job / "synth_eval" / "config.yaml").write_text(yaml.safe_dump(config))
     run_report(_cfg(tmp_path / "run", sweep))
     report = tmp_path / "run" / "report"
     text = (report / "results.md").read_text()
     assert _table_rows(text, "## Ablation") == [
-        "| experiment | job | expression fine-tune | SG λ | layout init | set FER-Acc | set AU r | set FID | set KID |",
-        "| base | 0 | no | 0 | no | 0.1300 | 0.0650 | 50.0 | 0.1000 |",
-        "| finetune | 1 | yes | 0 | no | 0.4000 | 0.2000 | 40.0 | 0.1000 |",
-        "| sg | 2 | yes | 1 | no | 0.5500 | 0.2750 | 30.0 | 0.1000 |",
-        "| layout | 3 | yes | 1 | yes | 0.6000 | 0.3000 | 20.0 | 0.1000 |"]
+        "| experiment | job | expression fine-tune | SG λ | SG per token | layout init | set FER-Acc | set AU r | set FID "
+        "| set KID |",
+        "| base | 0 | no | 0 | no | no | 0.1300 | 0.0650 | 50.0 | 0.1000 |",
+        "| finetune | 1 | yes | 0 | no | no | 0.4000 | 0.2000 | 40.0 | 0.1000 |",
+        "| sg | 2 | yes | 1 | no | no | 0.5500 | 0.2750 | 30.0 | 0.1000 |",
+        "| layout | 3 | yes | 1 | no | yes | 0.6000 | 0.3000 | 20.0 | 0.1000 |",
+        "| sg_per_token | 4 | yes | 1 | yes | no | 0.5000 | 0.2500 | 10.0 | 0.1000 |"]
     assert "Synthetic sets judged by `/j.ckpt` (did not guide)." in text and "ablation.png" not in text
+    # rows that reused one run's judge hold hard links to it: named once
+    judge = tmp_path / "judge.ckpt"
+    judge.write_bytes(b"weights")
+    for num in range(len(rows)):
+        link = tmp_path / f"row{num}" / "judge.ckpt"
+        link.parent.mkdir()
+        os.link(judge, link)
+        metrics_file = sweep / str(num) / "synth_eval" / "metrics.json"
+        metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "judge": str(link)}))
+    run_report(_cfg(tmp_path / "run", sweep))
+    judged = [line for line in (report / "results.md").read_text().splitlines() if line.startswith("Synthetic sets")]
+    assert judged == [f"Synthetic sets judged by `{tmp_path / 'row0' / 'judge.ckpt'}` (did not guide)."]
     merged = json.loads((report / "metrics.json").read_text())
     assert merged["ablation/layout/synth_eval/fer_acc"] == 0.6 and merged["ablation/base/synth_eval/fid"] == 50.0
+
+
+def test_self_training_students_get_their_own_scaling_row(tmp_path):
+    """Pseudo-labelled real faces (the self-training baseline) are not averaged into the synthetic faces' cell."""
+    import json as _json
+
+    from lightning_modules.report.plots import SELF_TRAINING, StudentRecord, scaling_markdown, scaling_table
+    from lightning_modules.stages.report import extra_faces_of
+
+    sets = {}
+    for name, source in (("pseudo", "pseudolabel"), ("synth", None)):
+        (tmp_path / name).mkdir()
+        meta = {"source": source} if source else {}
+        (tmp_path / name / "manifest.json").write_text(_json.dumps({"format": "synfer-synthetic/1", "count": 1,
+                                                                     "meta": meta, "shards": []}))
+        sets[name] = str(tmp_path / name)
+    assert extra_faces_of([sets["pseudo"]]) == SELF_TRAINING
+    assert extra_faces_of(sets["synth"]) == "synthetic"
+    assert extra_faces_of([sets["pseudo"], sets["synth"]]) == "synthetic"
+    assert extra_faces_of([str(tmp_path / "gone")]) == "synthetic"  # unknown: cannot be told apart
+    records = [StudentRecord("run", "student", "real_only", 0.0, 0.50),
+               StudentRecord("run", "student_mix", "concat", 3.0, 0.46),
+               StudentRecord("run", "student_selftrain", "concat", 3.0, 0.43, extra_faces=SELF_TRAINING)]
+    table = scaling_table(records)
+    assert [table.label(k) for k in table.rows] == ["real + synthetic (concat)", "real + pseudo-labelled real (concat)"]
+    text = "\n".join(scaling_markdown(table, image=None))
+    assert "| real + synthetic (concat) | – | 0.4600 |" in text
+    assert "| real + pseudo-labelled real (concat) | – | 0.4300 |" in text

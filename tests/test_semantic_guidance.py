@@ -1,4 +1,4 @@
-"""Semantic guidance and layout initialisation in the sampler (guided_sampling.py + SynFERPipeline).
+"""Semantic guidance and layout initialisation in the sampler (guidance/sampling.py + SynFERPipeline).
 
 A fixed tiny random pixel-space pipeline and a fixed tiny random classifier: the checks are about the direction
 and size of the updates, which must hold for any model."""
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_modules.guidance import SemanticGuidance
-from lightning_modules.guided_sampling import ClassifierGuide, encode_images, invert_to
+from lightning_modules.guidance.sampling import ClassifierGuide, encode_images, invert_to
+from lightning_modules.guidance.semantic import SemanticGuidance
 from tests.test_generator_pipeline import _add_au_adapter, pixel_pipe  # noqa: F401  (pixel_pipe: a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -126,7 +126,7 @@ def test_au_guidance_moves_detected_aus_toward_request(pipe, guide):
                          semantic_guidance=SemanticGuidance(au_scale=2.0, window=(0.0, 1.0)))
         assert (au_error(guided) < au_error(plain)).all()
     finally:
-        from lightning_modules.conditioning import plain_attention_processors
+        from lightning_modules.generator.conditioning import plain_attention_processors
 
         pipe.unet.set_attn_processor(plain_attention_processors(pipe.unet))
         pipe.set_au_adapter(None, None)

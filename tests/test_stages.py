@@ -7,9 +7,9 @@ import torch
 
 import train
 from conftest import TINY, compose
-from lightning_modules.runtime import ConfigError
+from lightning_modules.paradigms.teacher import load_teacher
+from lightning_modules.run.runtime import ConfigError
 from lightning_modules.stages.classifier_stage import run_classifier_stage
-from lightning_modules.teacher import load_teacher
 
 
 def test_teacher_stage_writes_its_artifacts(tiny_cfg, tmp_path):
@@ -179,12 +179,12 @@ def test_student_on_real_plus_relabelled_synthetic_faces(tiny_cfg, tmp_path):
         run_classifier_stage(tiny_cfg("stage=student", "mix.mode=concat", "relabel.enabled=false"), "student")
 
 
-def test_reuse_copies_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypatch):
-    """Under DDP every rank runs the pipeline: rank 0 copies the finished stage, the others wait for its marker."""
+def test_reuse_links_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypatch):
+    """Under DDP every rank runs the pipeline: rank 0 links the finished stage, the others wait for its marker."""
     from lightning.pytorch.utilities import rank_zero_only
     from omegaconf import OmegaConf
 
-    from lightning_modules import runtime
+    from lightning_modules.run import runtime
     from lightning_modules.stages.pipeline import reuse_stage
 
     source, target = tmp_path / "full" / "teacher", tmp_path / "row" / "teacher"
@@ -194,7 +194,7 @@ def test_reuse_copies_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypat
     cfg = OmegaConf.create({"experiment_name": "row"})
     assert not reuse_stage(source, target, "other-digest", cfg)  # finished with another config: not reused
     monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
-    with pytest.raises(TimeoutError, match="rank 0 did not copy"):
+    with pytest.raises(TimeoutError, match="rank 0 did not link"):
         reuse_stage(source, target, "abc", cfg, wait_seconds=0.1)
     assert not target.exists()  # rank 1 never writes
     monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
@@ -203,3 +203,86 @@ def test_reuse_copies_on_rank_zero_only_and_other_ranks_wait(tmp_path, monkeypat
     assert (target / "teacher.ckpt").stat().st_mtime_ns == (source / "teacher.ckpt").stat().st_mtime_ns
     monkeypatch.setattr(rank_zero_only, "rank", 1, raising=False)
     assert reuse_stage(source, target, "abc", cfg, wait_seconds=0.1)  # the marker is there: rank 1 goes on
+
+
+def _own_bytes(folder, others):
+    """Bytes of the files under ``folder`` that share no inode with a file under ``others`` (what the disk pays)."""
+    shared = {(p.stat().st_dev, p.stat().st_ino) for p in others.rglob("*") if p.is_file()}
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and not p.is_symlink() and (p.stat().st_dev, p.stat().st_ino) not in shared)
+
+
+def test_reuse_links_heavy_files_and_keeps_fingerprints(tmp_path):
+    """A reused stage costs only its small files: weights and shards are hard links (a later step's fingerprint of
+    them is the other run's), config.yaml and the done marker are this run's own, and a rerun that rewrites a small
+    file or replaces a large one never reaches the other run."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from lightning_modules.run import runtime
+    from lightning_modules.stages.pipeline import LINK_MIN_BYTES, reuse_stage
+
+    source, target = tmp_path / "full" / "generator", tmp_path / "row" / "generator"
+    heavy = {"pipeline/unet/diffusion_pytorch_model.safetensors": 3, "checkpoints/last.ckpt": 2}
+    for name, mib in heavy.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(os.urandom(mib * LINK_MIN_BYTES))
+    (source / "pipeline" / "model_index.json").write_text("{}")
+    (source / "grids").mkdir()
+    (source / "grids" / "expressions_final.png").write_bytes(b"png")
+    (source / "config.yaml").write_text("experiment_name: full\n")
+    (source / "wandb").mkdir()
+    (source / "wandb" / "run.wandb").write_bytes(b"log")
+    runtime.mark_done(source, "abc")
+    (target / "checkpoints").mkdir(parents=True)
+    (target / "checkpoints" / "partial.ckpt").write_bytes(b"killed run")  # a partial stage here is replaced
+    assert reuse_stage(source, target, "abc", OmegaConf.create({"experiment_name": "row"}))
+
+    total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    own = _own_bytes(target, source)
+    assert own < 4096 and total > 5 * LINK_MIN_BYTES, (own, total)
+    for name in heavy:
+        assert os.path.samefile(target / name, source / name)
+    assert not (target / "grids" / "expressions_final.png").samefile(source / "grids" / "expressions_final.png")
+    assert not (target / "wandb").exists() and not (target / "checkpoints" / "partial.ckpt").exists()
+    assert "experiment_name: row" in (target / "config.yaml").read_text()
+    assert "experiment_name: full" in (source / "config.yaml").read_text() and runtime.is_done(source, "abc")
+    assert runtime.path_fingerprint(target / "pipeline") == runtime.path_fingerprint(source / "pipeline")
+    assert runtime.path_fingerprint(target / "checkpoints") == runtime.path_fingerprint(source / "checkpoints")
+    # this run's rerun rewrites a grid in place and replaces a checkpoint: the other run keeps its own
+    (target / "grids" / "expressions_final.png").write_bytes(b"new grid")
+    tmp = target / "checkpoints" / "last.ckpt.tmp"
+    tmp.write_bytes(b"new weights")
+    os.replace(tmp, target / "checkpoints" / "last.ckpt")
+    assert (source / "grids" / "expressions_final.png").read_bytes() == b"png"
+    assert (source / "checkpoints" / "last.ckpt").stat().st_size == 2 * LINK_MIN_BYTES
+
+
+def test_reuse_across_file_systems_symlinks_with_one_warning(tmp_path, monkeypatch, caplog):
+    """Without hard links (another file system) large files become symlinks; fingerprints still match."""
+    import errno
+    import os
+
+    from omegaconf import OmegaConf
+
+    from lightning_modules.run import runtime
+    from lightning_modules.stages import pipeline
+    from lightning_modules.stages.pipeline import LINK_MIN_BYTES, reuse_stage
+
+    def no_hard_links(src, dst, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    source, target = tmp_path / "full" / "teacher", tmp_path / "row" / "teacher"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "teacher.ckpt").write_bytes(os.urandom(LINK_MIN_BYTES))
+    (source / "checkpoints" / "last.ckpt").write_bytes(os.urandom(LINK_MIN_BYTES))
+    runtime.mark_done(source, "abc")
+    monkeypatch.setattr(pipeline.os, "link", no_hard_links)
+    with caplog.at_level("WARNING", logger=pipeline.log.name):
+        assert reuse_stage(source, target, "abc", OmegaConf.create({"experiment_name": "row"}))
+    assert (target / "teacher.ckpt").is_symlink() and (target / "checkpoints" / "last.ckpt").is_symlink()
+    assert _own_bytes(target, source) < 4096
+    assert runtime.path_fingerprint(target / "teacher.ckpt") == runtime.path_fingerprint(source / "teacher.ckpt")
+    warnings = [r for r in caplog.records if "symlinks" in r.getMessage()]
+    assert len(warnings) == 1 and "2 files" in warnings[0].getMessage(), caplog.text

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import train
-from lightning_modules.runtime import ConfigError
+from lightning_modules.paradigms.student import Protocol, check_seeds, student_group
+from lightning_modules.run.runtime import ConfigError
 from lightning_modules.stages.classifier_stage import check_classifier_config, run_classifier_stage
-from lightning_modules.student import Protocol, check_seeds, student_group
 
 
 # ------------------------------------------------------------------ config errors name the key

@@ -66,15 +66,40 @@ def test_cumulative_rows_add_one_component_each():
 
 
 @pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation"),
-                                               ("cumulative_toy_full", "cumulative_toy_full")])
+                                               ("cumulative_toy_full", "cumulative_toy_full"),
+                                               ("recipes_toy_full", "recipes_toy_full"),
+                                               ("ssl_sources", "ssl_sources"), ("clip_sources", "clip_sources"),
+                                               ("fewshot_sources", "fewshot_sources")])
 def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
+    """Same swept values; a Hydra parameter with one value is a fixed override of the spec's command; and the
+    command's fixed overrides are what the Hydra sweep composes to (its data, judge, wandb group)."""
     spec = yaml.safe_load((CONFIG_DIR / "wandb_sweeps" / f"{name}.yaml").read_text())
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
-    hydra_params = _compose_with_hydra([f"sweep={hydra_sweep}", "experiment=toy"]).hydra.sweeper.params
+    fixed = dict(str(c).split("=", 1) for c in spec["command"] if "=" in str(c) and not str(c).startswith("$"))
+    composed = _compose_with_hydra([f"sweep={hydra_sweep}", f"experiment={fixed.get('experiment', 'toy')}"])
+    hydra_params = composed.hydra.sweeper.params
     for key, values in spec["parameters"].items():
         assert sorted(map(str, values["values"])) == sorted(hydra_params[key].split(","))
+    for key, values in hydra_params.items():
+        assert key in spec["parameters"] or fixed.get(key) == values, key
+    for key, value in fixed.items():
+        if key not in ("stage", "experiment", "logger.wandb.mode"):  # online: the spec is for a wandb server
+            assert str(OmegaConf.select(composed, key)) == value, key
     stage = next(c for c in spec["command"] if str(c).startswith("stage="))
     assert stage == f"stage={_compose_with_hydra([f'sweep={hydra_sweep}']).stage}"
+
+
+def test_recipes_sweep_runs_each_recipe_at_three_scales_and_seeds():
+    cfg = _compose_with_hydra(["sweep=recipes_toy_full", "experiment=toy_full"])
+    params = cfg.hydra.sweeper.params
+    recipes = params["+recipe"].split(",")
+    files = sorted(p.stem for p in (CONFIG_DIR / "recipe").glob("*.yaml"))
+    assert sorted(recipes) == [r for r in files if r != "real_only"]   # real only ignores the scale: not swept
+    assert params["mix.scale"] == "1,3,5" and params["student.seed"] == "0,1,2" and params["experiment"] == "toy_full"
+    assert cfg.stage == "student" and cfg.logger.wandb.group == "toy_full-recipes"
+    assert cfg.mix.judge == "outputs/toy_full/judge/judge.ckpt" and cfg.student.max_steps == 705
+    # its own folder: report.dirs=[outputs/recipes] then holds no scaling-sweep students
+    assert OmegaConf.to_container(cfg.hydra.sweep)["dir"].startswith("${output_root}/recipes/")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 import train
 from datamodules.errors import DataFileNotFound
 from datamodules.synthetic import load_synthetic
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 from lightning_modules.stages.synth_eval_stage import evaluate_set, pick, synthetic_conditions
 from synthetic_fixtures import write_toy_synthetic_set
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture
 def judge(untrained_teacher_ckpt):
-    from lightning_modules.teacher import load_teacher
+    from lightning_modules.paradigms.teacher import load_teacher
 
     return load_teacher(untrained_teacher_ckpt)
 
@@ -72,6 +72,18 @@ def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_
     assert saved["judge"] == str(untrained_teacher_ckpt) and saved["judge_also_guided"] is True
     assert "fid" in saved and saved["real_split"] == "test"
     assert train.run_stage(cfg) == {"skipped": True}
+
+
+def test_only_rank_zero_scores_the_set(tiny_cfg, tmp_path, untrained_teacher_ckpt, monkeypatch):
+    """Under DDP every process runs the step; the others neither score nor write (the pipeline's barrier waits)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    cfg = _stage_cfg(tiny_cfg, tmp_path, untrained_teacher_ckpt, 8, "synth_eval.fid=false")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert train.run_stage(cfg) == {"scored_on_rank_zero": True}
+    assert not (Path(cfg.paths.run_dir) / "synth_eval" / "metrics.json").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert train.run_stage(cfg)["num_samples"] == 8
 
 
 def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_teacher_ckpt):

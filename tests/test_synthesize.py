@@ -2,6 +2,7 @@
 protected against mixing configs in one folder."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, TINY
 from datamodules.synthetic import MANIFEST, load_synthetic, read_manifest
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -211,6 +213,9 @@ def test_synthetic_sets_read_back_as_fer_batches(tiny_cfg, generator_dir):
     ("synthesis.sample.sampler=euler", "synthesis.sample.sampler"),
     ("synthesis.guidance.embedding_scale=1.0", "synthesis.guidance.classifier"),
     ("synthesis.guidance.window=[0.9,0.1]", "synthesis.guidance"),
+    ("synthesis.storage.format=gif", "synthesis.storage.format"),
+    ("synthesis.storage.quality=0", "synthesis.storage.quality"),
+    ("synthesis.storage.image_size=4", "synthesis.storage.image_size"),
 ])
 def test_config_errors_name_the_key(tiny_cfg, generator_dir, override, key):
     from lightning_modules.stages.synthesize_stage import run_synthesize_stage
@@ -218,6 +223,28 @@ def test_config_errors_name_the_key(tiny_cfg, generator_dir, override, key):
     cfg = tiny_cfg(*_overrides(generator_dir), override, "synthesis.guidance.classifier=/nowhere.ckpt")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run_synthesize_stage(cfg)
+
+
+def test_faces_are_stored_at_the_configured_size_and_format_with_a_dataset_card(tiny_cfg, generator_dir):
+    """The default storage keeps the fingerprint of sets made before the option; another storage is another set."""
+    from lightning_modules.stages.synthesize_stage import checked_plan, run_synthesize_stage
+
+    default = tiny_cfg(*_overrides(generator_dir, size=6, chunk=6))
+    cfg = tiny_cfg(*_overrides(generator_dir, size=6, chunk=6), "synthesis.storage.image_size=16",
+                   "synthesis.storage.format=jpeg", "synthesis.storage.quality=70")
+    legacy = default.copy()
+    with __import__("omegaconf").open_dict(legacy):
+        del legacy.synthesis["storage"]
+    assert checked_plan(legacy)[2] == checked_plan(default)[2] != checked_plan(cfg)[2]
+    run_synthesize_stage(cfg)
+    out = Path(cfg.paths.run_dir) / "synthesize" / "dataset"
+    meta = read_manifest(out)["meta"]
+    assert meta["storage"] == {"format": "jpeg", "quality": 70, "image_size": 16, "generator_image_size": 32}
+    assert meta["image_size"] == 16
+    images = [Image.open(io.BytesIO(b)) for _, b in _image_bytes(out)]
+    assert {(i.format, i.size) for i in images} == {("JPEG", (16, 16))}
+    card = (out / "README.md").read_text()
+    assert "jpeg 16 px, quality 70" in card and str(generator_dir) in card and "| neutral |" in card
 
 
 def test_au_vocabulary_must_match_the_generator(tiny_cfg, generator_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules.labels import EXPRESSIONS
-from lightning_modules.voting import VoteResult, data_card, data_card_markdown, ensemble_vote
+from lightning_modules.labeling.voting import VoteResult, data_card, data_card_markdown, ensemble_vote
 
 
 def P(*voters):

@@ -10,7 +10,7 @@ def save_tiny_sd(directory: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lightning_modules.clip_tokenizer import offline_clip_tokenizer
+    from lightning_modules.generator.clip_tokenizer import offline_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = offline_clip_tokenizer(model_max_length=16)

@@ -1,1 +1,1 @@
-"""Labelling faces with the suite's own models (AU annotation; FERAnno's branches and fusion)."""
+"""Labelling faces: the FERAnno teacher (its branches and fusion), AU annotation, the relabel ensemble vote."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.runtime import ConfigError
+from lightning_modules.run.runtime import ConfigError
 
 BRANCHES = ("features", "attention")
 FUSIONS = ("bidirectional", "concat", "self")
@@ -139,7 +139,7 @@ class AttentionTap:
     ``prefixes`` (None: all); ``remove()`` puts the previous processors back."""
 
     def __init__(self, unet: nn.Module, prefixes: Optional[Sequence[str]] = None, key: str = "attention_layers"):
-        from lightning_modules.conditioning import cross_attention_layers
+        from lightning_modules.generator.conditioning import cross_attention_layers
 
         layers = list(cross_attention_layers(unet))
         chosen = layers if prefixes is None else [n for n in layers if any(n.startswith(p) for p in prefixes)]

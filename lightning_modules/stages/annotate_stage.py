@@ -20,8 +20,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import DataError
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def trained_detector(cfg: DictConfig) -> tuple[Path, int]:
 
 
 def load_detector(path: Path, num_aus: int):
-    from lightning_modules.teacher import load_fer_classifier
+    from lightning_modules.paradigms.teacher import load_fer_classifier
 
     key = "annotate.detector.checkpoint"
     try:

@@ -12,9 +12,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import DataError
-from lightning_modules import runtime
-from lightning_modules.runtime import require
-from lightning_modules.student import optimizer_steps_per_epoch, read_protocol, student_group
+from lightning_modules.paradigms.student import (optimizer_steps_per_epoch, pretrain_phase_callback, read_protocol,
+                                                 student_group)
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import require
 
 # Config subtrees a classifier stage depends on: a change in any of them invalidates its outputs.
 HASH_KEYS = {"teacher": ["data", "teacher", "trainer", "seed"],
@@ -26,11 +27,23 @@ RESERVED_NAMES = ("generator", "synthesize", "synth_eval", "relabel", "report", 
                   "pseudolabel")
 
 
+# How often a run is saved and whether it resumes do not change what it trains: not part of its hash.
+RESUME_IGNORED = ("checkpoint_every_n_steps", "resume")
+
+
 def done_digest(cfg: DictConfig, role: str) -> str:
     """Config (+ for a student on synthetic faces: the synthetic sets' manifests, + for FERAnno: its generator)."""
     inputs = []
+    if any(key in cfg[role] for key in RESUME_IGNORED):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            for key in RESUME_IGNORED:
+                cfg[role].pop(key, None)
     if role == "student" and cfg.mix.mode != "real_only":
         inputs += [Path(p) / "manifest.json" for p in synthetic_sets(cfg)]
+        if cfg.mix.get("min_judge_confidence") is not None:  # a retrained judge filters other faces
+            inputs.append(judge_path(cfg))
+        cfg = _without_default_recipe(cfg)
     elif role == "student":  # a real-only student does not depend on the other mix settings
         cfg = cfg.copy()
         with open_dict(cfg):
@@ -38,6 +51,21 @@ def done_digest(cfg: DictConfig, role: str) -> str:
     if is_feranno(cfg[role].model):
         inputs.append(Path(str(cfg[role].model.generator_path)))
     return runtime.inputs_hash(cfg, HASH_KEYS[role], inputs)
+
+
+def _without_default_recipe(cfg: DictConfig) -> DictConfig:
+    """The config without the recipe keys (mix.vote_labels, ...) that hold their defaults: a student trained
+    before those keys existed trained exactly that recipe, so its finished run stays done."""
+    from datamodules.mix import RECIPE_DEFAULTS
+
+    defaults = [k for k, v in RECIPE_DEFAULTS.items() if k in cfg.mix and cfg.mix[k] == v]
+    if not defaults:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in defaults:
+            cfg.mix.pop(key)
+    return cfg
 
 
 def output_name(cfg: DictConfig, role: str) -> str:
@@ -69,6 +97,11 @@ def check_classifier_config(cfg: DictConfig, role: str) -> None:
     require(0 <= model.warmup_fraction < 1, f"{role}.model.warmup_fraction",
             f"must be in [0, 1), got {model.warmup_fraction}")
     read_protocol(cfg, role)  # max_epochs, max_steps, early stopping, validation interval, seed
+    every = cfg[role].get("checkpoint_every_n_steps")
+    require(every is None or (isinstance(every, int) and not isinstance(every, bool) and every >= 1),
+            f"{role}.checkpoint_every_n_steps", f"must be an integer >= 1 or null (only at validations), got {every!r}")
+    require(isinstance(cfg[role].get("resume", True), bool), f"{role}.resume",
+            f"must be true or false, got {cfg[role].get('resume')!r}")
     if role == "student":
         check_mix_config(cfg)
 
@@ -84,7 +117,7 @@ def _check_timm(model: DictConfig, role: str) -> None:
 
 
 def _check_feranno(model: DictConfig, role: str) -> None:
-    from lightning_modules import feranno
+    from lightning_modules.labeling import feranno
 
     key = f"{role}.model"
     try:
@@ -148,14 +181,46 @@ def check_mix_config(cfg: DictConfig) -> None:
         raise mix_error(err) from err
 
 
+def judge_path(cfg: DictConfig) -> Path:
+    """``mix.judge`` as a checkpoint path of this run (separate: <run>/judge/judge.ckpt, guide: the guiding
+    classifier), whether or not it exists yet."""
+    from lightning_modules.generator.evaluation import resolve_judge
+
+    try:
+        return resolve_judge(str(cfg.mix.get("judge", "separate")), cfg.paths.run_dir,
+                             cfg.synthesis.guidance.classifier).checkpoint
+    except ValueError as err:
+        raise runtime.ConfigError("mix.judge", str(err)) from err
+
+
+def _limit_batches(cfg: DictConfig, batches: int) -> int:
+    """The train batches Lightning draws per epoch under ``trainer.limit_train_batches``."""
+    limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(batches, limit)
+    if isinstance(limit, float):
+        return int(batches * limit)
+    return batches
+
+
 def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The real datamodule inside a MixedFERDataModule (real only, synthetic only, concat or ratio per ``mix``),
-    set up for fit: the real splits and the synthetic rows are read (and the synthetic sets verified) here."""
+    """The real datamodule inside a MixedFERDataModule (real only, synthetic only, concat, ratio or pretrain per
+    ``mix``), set up for fit: the real splits and the synthetic rows are read (and the synthetic sets verified, the
+    judge filter applied) here; mode=pretrain gets the student's step budget (``student.max_steps``, or
+    ``student.max_epochs`` epochs of its train set)."""
     from datamodules.mix import MixedFERDataModule
     from datamodules.synthetic import verify_synthetic
+    from lightning_modules.paradigms.judge_filter import resolve_judge_checkpoint
 
     mix = OmegaConf.to_container(cfg.mix, resolve=True)  # checked by check_classifier_config
     mix["synthetic"] = synthetic_sets(cfg) if mix["mode"] != "real_only" else None
+    if mix.get("min_judge_confidence") is not None and mix["mode"] != "real_only":
+        try:  # judge scores are cached in the student's own folder (a synthetic set may be shared)
+            mix["judge_checkpoint"] = str(resolve_judge_checkpoint(mix.get("judge", "separate"), cfg.paths.run_dir,
+                                                                   cfg.synthesis.guidance.classifier))
+        except ValueError as err:
+            raise mix_error(err) from err
+        mix["score_cache"] = str(Path(cfg.paths.run_dir) / output_name(cfg, "student") / "judge_scores")
     if mix["mode"] != "real_only":  # a missing or damaged set must stop the run now, not after the real data is read
         for path in mix["synthetic"]:
             require((Path(path) / "manifest.json").is_file(), "mix.synthetic",
@@ -166,6 +231,9 @@ def build_student_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     try:
         datamodule = MixedFERDataModule(real, **mix)
         datamodule.setup("fit")  # too few synthetic faces for mix.scale etc. are config errors, before any training
+        protocol = read_protocol(cfg, "student")
+        datamodule.configure_steps(protocol.max_steps, protocol.max_epochs, _accumulate(cfg),
+                                   OmegaConf.select(cfg, "trainer.limit_train_batches", default=None))
     except TypeError as err:
         raise runtime.ConfigError("mix", str(err)) from err
     except ValueError as err:
@@ -191,10 +259,20 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     ``<run_dir>/<name>/`` (``name`` = ``<role>.name``, default the role: teacher/, student/).
 
     Config, data (every split read), model and Trainer are built before anything of an earlier run is touched, so
-    a rerun that fails on any of them keeps the finished run. An unfinished run with the same config (killed)
-    resumes from ``checkpoints/last.ckpt``; ``force=true`` starts over."""
+    a rerun that fails on any of them keeps the finished run. An unfinished run with the same config (killed,
+    preempted) resumes from the newest of ``checkpoints/last.ckpt`` (written at every validation and every
+    ``<role>.checkpoint_every_n_steps``) and SLURM's ``hpc_ckpt_*.ckpt``; ``<role>.resume=false`` or ``force=true``
+    starts over. The stage folder is locked for this process while it runs."""
+    with runtime.stage_locks():
+        return _run_classifier_stage(cfg, role)
+
+
+def _run_classifier_stage(cfg: DictConfig, role: str) -> dict:
+    from lightning_modules.run.exact_resume import ExactResume
+
     check_classifier_config(cfg, role)
     name = output_name(cfg, role)
+    out_dir = runtime.stage_dir(cfg, name)  # locked now: a second run of this folder stops before reading data
     if role == "student":
         datamodule = build_student_datamodule(cfg)  # reads real + synthetic train data
     else:
@@ -203,17 +281,21 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     protocol = read_protocol(cfg, role)
     L.seed_everything(protocol.seed, workers=True)
     model = build_classifier(cfg, role, datamodule)
-    out_dir = runtime.stage_dir(cfg, name)
     # the mixed datamodule deals its own per-rank samples (ratio batches would not survive Lightning's sampler)
     extra = {"use_distributed_sampler": False} if role == "student" else {}
     accumulate = _accumulate(cfg)
     max_epochs, overrides, callbacks = protocol.trainer_args(accumulate)
-    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, max_epochs, extra_callbacks=callbacks,
+    if role == "student" and protocol.patience and datamodule.mode == "pretrain":
+        callbacks.append(pretrain_phase_callback())  # the synthetic phase cannot end the run early
+    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, max_epochs,
+                                             extra_callbacks=[*callbacks, ExactResume()],
+                                             checkpoint_every_n_steps=cfg[role].get("checkpoint_every_n_steps"),
                                              **extra, **overrides)
     digest = done_digest(cfg, role)
     # The digest keeps max_epochs / max_steps: the one-cycle LR schedule spans the planned steps, so a checkpoint of
     # another length is not a point on this run's trajectory.
-    resume, why = runtime.resume_checkpoint(out_dir, digest, enabled=not cfg.get("force", False))
+    resume, why = runtime.resume_checkpoint(out_dir, digest,
+                                            enabled=cfg[role].get("resume", True) and not cfg.get("force", False))
     if resume is not None and runtime.is_done(out_dir, digest):
         resume, why = None, "the earlier run with this config had finished; training again"
     artifacts = (f"{name}.ckpt", "confusion_matrix.png", "confusion_matrix.pt")
@@ -227,12 +309,12 @@ def run_classifier_stage(cfg: DictConfig, role: str) -> dict:
         fit_s = time.time() - start
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         test = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if best and trainer.is_global_zero:  # before finish_loggers, which logs it as a wandb artifact
+            runtime.export_weights(Path(best), out_dir / f"{name}.ckpt")
     finally:
         runtime.finish_loggers(loggers)
     metrics = {}
     if trainer.is_global_zero:
-        if best:
-            runtime.export_weights(Path(best), out_dir / f"{name}.ckpt")
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s,
                    "best_val_acc": trainer.checkpoint_callback.best_model_score if best else None,
                    "checkpoint": str(out_dir / f"{name}.ckpt") if best else None,
@@ -268,10 +350,5 @@ def protocol_metrics(trainer: L.Trainer, datamodule, protocol, accumulate: int) 
 def steps_per_epoch(cfg: DictConfig) -> int:
     """Optimizer steps in one epoch of this student's train set (per rank): reads the real and synthetic data."""
     datamodule = build_student_datamodule(cfg)
-    batches = len(datamodule.train_dataloader())
-    limit = OmegaConf.select(cfg, "trainer.limit_train_batches", default=None)
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        batches = min(batches, limit)
-    elif isinstance(limit, float):
-        batches = int(batches * limit)
+    batches = _limit_batches(cfg, len(datamodule.train_dataloader()))
     return optimizer_steps_per_epoch(batches, _accumulate(cfg))

@@ -18,8 +18,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.guidance.settings import load_guide, semantic_guidance
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError, require
 
 log = logging.getLogger(__name__)
 HASH_KEYS = ["data", "generator", "trainer", "seed"]
@@ -80,7 +81,7 @@ def check_generator_config(cfg: DictConfig) -> None:
 
 def training_schedule(cfg: DictConfig):
     """The generator's PhaseSchedule (``generator.training``; absent in older configs: one phase)."""
-    from lightning_modules.generator_phases import resolve_schedule
+    from lightning_modules.generator.phases import resolve_schedule
 
     training = OmegaConf.select(cfg, "generator.training", default=None)
     return resolve_schedule(OmegaConf.to_container(training, resolve=True) if training is not None else None,
@@ -88,21 +89,9 @@ def training_schedule(cfg: DictConfig):
                             float(cfg.generator.model.lr))
 
 
-def semantic_guidance(g: DictConfig, key: str = "generator.guidance"):
-    """A guidance config node (``generator.guidance``, ``synthesis.guidance``) as a SemanticGuidance (ConfigError
-    naming ``key`` when out of range)."""
-    from lightning_modules.guidance import SemanticGuidance
-
-    try:
-        return SemanticGuidance(float(g.embedding_scale), float(g.classifier_scale), float(g.au_scale),
-                                tuple(float(x) for x in g.window), bool(g.per_token))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(key, str(err)) from err
-
-
 def eval_judge(cfg: DictConfig):
     """The teacher that scores the evaluation (``generator.eval.judge``); a named checkpoint must exist."""
-    from lightning_modules.generation_eval import resolve_judge
+    from lightning_modules.generator.evaluation import resolve_judge
 
     try:
         judge = resolve_judge(cfg.generator.eval.judge, cfg.paths.run_dir, cfg.generator.guidance.classifier)
@@ -111,14 +100,6 @@ def eval_judge(cfg: DictConfig):
     require(judge.mode != "path" or judge.checkpoint.is_file(), "generator.eval.judge",
             f"no teacher checkpoint at {judge.checkpoint} (separate | guide | a checkpoint path)")
     return judge
-
-
-def load_guide(checkpoint: str, image_size: int, device="cpu"):
-    """The frozen guidance classifier (a teacher checkpoint) taking images at ``image_size`` (data.image_size)."""
-    from lightning_modules.guided_sampling import ClassifierGuide
-    from lightning_modules.teacher import load_teacher
-
-    return ClassifierGuide(load_teacher(checkpoint, map_location=device), image_size)
 
 
 def unlabelled_count(cfg: DictConfig) -> Optional[int]:
@@ -176,7 +157,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
     """Config, data, model and Trainer are built before anything of an earlier run is touched (a rerun that fails
     on any of them keeps the finished generator); a killed or extended run with the same trajectory settings
     resumes from ``checkpoints/last.ckpt`` (``generator.resume``)."""
-    from lightning_modules.generator_callbacks import GeneratorSampleGrids, grid_conditions
+    from lightning_modules.generator.callbacks import GeneratorSampleGrids, grid_conditions
 
     check_generator_config(cfg)
     gen = cfg.generator
@@ -194,7 +175,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
         # the phases switch requires_grad mid-run: DDP must not wait for the gradients of the frozen part
         phase_args["strategy"] = "ddp_find_unused_parameters_true"
         log.info("generator: two_phase under DDP uses strategy=ddp_find_unused_parameters_true")
-    grids = GeneratorSampleGrids(grid_conditions(datamodule.records["val"], datamodule.num_classes,
+    grids = GeneratorSampleGrids(grid_conditions(datamodule.grid_records, datamodule.num_classes,
                                                  len(datamodule.vocab), model.captioner),
                                  out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
                                  list(gen.grids.au_levels))
@@ -281,10 +262,10 @@ def _logged(trainer, key: str):
 def evaluate_with_teacher(cfg: DictConfig, model, datamodule, out_dir: Path, loggers) -> dict:
     """FER-Acc and AU Pearson r of generated faces (toy: prototype conditions; else: test-split conditions)."""
     from datamodules.labels import EXPRESSIONS
-    from lightning_modules.generation_eval import (evaluate_generator, judge_record, records_eval_conditions,
-                                                   toy_eval_conditions)
-    from lightning_modules.grids import save_labelled_grid
-    from lightning_modules.teacher import load_teacher
+    from lightning_modules.generator.evaluation import (evaluate_generator, judge_record, records_eval_conditions,
+                                                        toy_eval_conditions)
+    from lightning_modules.generator.grids import save_labelled_grid
+    from lightning_modules.paradigms.teacher import load_teacher
 
     ev = cfg.generator.eval
     judge = eval_judge(cfg)

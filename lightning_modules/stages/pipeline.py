@@ -7,13 +7,14 @@ a killed pipeline resumes where it stopped (``force=true`` reruns everything).
 ``pipeline.stages`` picks the steps; ``pipeline.students`` names one student run per entry, each with its own
 ``mix`` settings (e.g. real only and real + synthetic), written to ``<run>/<name>/`` (``<name>_seed<k>/`` per seed
 with ``pipeline.student_seeds``); they all train the same number of optimizer steps (``pipeline.equal_student_steps``).
-``pipeline.reuse`` names another run folder: a step it finished with the same config and inputs is copied from there
-instead of rerun (the rows of an ablation share the teacher, the generator, ...; hashes do not depend on where a run
-folder is).
+``pipeline.reuse`` names another run folder: a step it finished with the same config and inputs is linked from there
+(hard links: almost no extra disk) instead of rerun (the rows of an ablation share the teacher, the generator, ...;
+hashes do not depend on where a run folder is).
 """
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +22,12 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_modules import runtime
-from lightning_modules.runtime import require
+from lightning_modules.paradigms.student import check_seeds, read_protocol, seed_suffix
+from lightning_modules.run import distributed, runtime
+from lightning_modules.run.runtime import require
 from lightning_modules.stages import (classifier_stage, generator_stage, pseudolabel_stage, relabel_stage,
                                      synth_eval_stage)
 from lightning_modules.stages.report import run_report
-from lightning_modules.student import check_seeds, read_protocol, seed_suffix
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def feranno_config(cfg: DictConfig) -> DictConfig:
 def judge_config(cfg: DictConfig) -> DictConfig:
     """The run's config with the teacher renamed ``judge`` and trained with ``generator.eval.judge_seed`` (default:
     the teacher's seed + 1): a teacher as good as the guiding one that never guided."""
-    from lightning_modules.generation_eval import JUDGE
-    from lightning_modules.student import read_protocol
+    from lightning_modules.generator.evaluation import JUDGE
+    from lightning_modules.paradigms.student import read_protocol
 
     teacher_seed = read_protocol(cfg, "teacher").seed
     seed = OmegaConf.select(cfg, "generator.eval.judge_seed", default=None)
@@ -69,17 +70,27 @@ def judge_config(cfg: DictConfig) -> DictConfig:
     return out
 
 
+def _students_filter_by_separate_judge(cfg: DictConfig) -> bool:
+    """Whether a student keeps only the synthetic faces the separate judge confirms (``min_judge_confidence``)."""
+    entries = [OmegaConf.merge(cfg.mix, e) if isinstance(e, DictConfig) else cfg.mix
+               for e in (cfg.pipeline.students or {}).values()]
+    return any(m.get("min_judge_confidence") is not None and str(m.get("judge", "separate")) == "separate"
+               and m.get("mode") != "real_only" for m in entries)
+
+
 def _judge_step(cfg: DictConfig, wanted: list) -> bool:
-    """Whether the plan trains the judge: ``generator.eval.judge=separate`` and a generator evaluation to judge, or
-    ``synth_eval.judge=separate`` and a synthetic set to judge (or ``judge`` listed in ``pipeline.stages``)."""
+    """Whether the plan trains the judge: ``generator.eval.judge=separate`` and a generator evaluation to judge,
+    ``synth_eval.judge=separate`` and a synthetic set to judge, or a student filtering its synthetic faces by the
+    separate judge (or ``judge`` listed in ``pipeline.stages``)."""
     mode = str(OmegaConf.select(cfg, "generator.eval.judge", default="guide"))
     set_mode = str(OmegaConf.select(cfg, "synth_eval.judge", default="guide"))
+    students = "students" in wanted and _students_filter_by_separate_judge(cfg)
     listed = "judge" in wanted
-    require(not listed or "separate" in (mode, set_mode), "pipeline.stages",
-            f"the judge step trains the separate judge, but generator.eval.judge={mode} and synth_eval.judge="
-            f"{set_mode}; drop it or set separate")
-    return listed or (mode == "separate" and "generator" in wanted and bool(cfg.generator.eval.enabled)) or (
-        set_mode == "separate" and "synth_eval" in wanted)
+    require(not listed or "separate" in (mode, set_mode) or students, "pipeline.stages",
+            f"the judge step trains the separate judge, but generator.eval.judge={mode}, synth_eval.judge="
+            f"{set_mode} and no student filters by it; drop it or set separate")
+    return listed or students or (mode == "separate" and "generator" in wanted and bool(cfg.generator.eval.enabled)) \
+        or (set_mode == "separate" and "synth_eval" in wanted)
 
 
 def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -91,15 +102,36 @@ def student_configs(cfg: DictConfig) -> dict[str, DictConfig]:
     seeds = check_seeds(OmegaConf.select(cfg, "pipeline.student_seeds", default=None), "pipeline.student_seeds")
     out = {}
     for name, mix in students.items():
+        mix = student_mix(cfg.mix, mix, f"pipeline.students.{name}")
         for seed in seeds or [None]:
             one = cfg.copy()
             with open_dict(one):
-                one.mix = OmegaConf.merge(cfg.mix, mix or {})
+                one.mix = mix
                 one.student.name = str(name) + (seed_suffix(seed) if len(seeds or []) > 1 else "")
                 if seed is not None:
                     one.student.seed = seed
             out[str(one.student.name)] = one
     return out
+
+
+EXPERIMENT_MIX = "experiment"
+
+
+def student_mix(experiment_mix: DictConfig, entry, key: str) -> DictConfig:
+    """A ``pipeline.students`` entry's mix: its settings merged over the experiment's ``mix``. The entry
+    ``experiment`` (the default ``student_mix``) is the experiment's ``mix`` as it stands, so a ratio or scale the
+    experiment sets reaches the pipeline's mixed student; where that mix is ``real_only`` (the plain student's
+    default) it becomes every kept synthetic face of the run added to the real ones (concat, scale null)."""
+    if isinstance(entry, str):
+        require(entry == EXPERIMENT_MIX, key, f"must be mix settings (e.g. {{mode: concat}}) or "
+                                              f"{EXPERIMENT_MIX!r} (the experiment's mix), got {entry!r}")
+        if experiment_mix.mode != "real_only":
+            return experiment_mix.copy()
+        log.info("%s: the experiment's mix is real_only; this student adds every kept synthetic face (concat)", key)
+        return OmegaConf.merge(experiment_mix, {"mode": "concat", "scale": None})
+    require(entry is None or isinstance(entry, DictConfig), key,
+            f"must be mix settings (e.g. {{mode: concat}}) or {EXPERIMENT_MIX!r}, got {entry!r}")
+    return OmegaConf.merge(experiment_mix, entry or {})
 
 
 def _equal_steps(cfg: DictConfig) -> bool:
@@ -220,52 +252,127 @@ def outputs_intact(label: str, out_dir: Path) -> bool:
     return True
 
 
+# Files at least this large are linked to the other run's (hard links, else symlinks): checkpoints, weights,
+# dataset shards, which the stages only ever replace (write elsewhere, rename). Smaller files are copied: some
+# (grids, confusion matrices, cards) are rewritten in place by a rerun, which would reach through a link.
+LINK_MIN_BYTES = 1 << 20
+# Written by this run itself: never linked, never copied.
+OWN_FILES = ("wandb", "config.yaml", runtime.DONE_MARKER)
+
+
+def _link_or_copy(src: str, dst: str, symlinked: list) -> str:
+    """Hard-link ``src`` at ``dst`` (same inode: no extra bytes, same size and mtime, survives the other run's
+    deletion); across file systems a symlink to it; below ``LINK_MIN_BYTES`` a copy with the same times."""
+    if os.path.getsize(src) < LINK_MIN_BYTES:
+        return shutil.copy2(src, dst)
+    try:
+        os.link(src, dst)  # follows a symlink in the other run: links the file it points at
+    except OSError:  # another file system, or one without hard links
+        os.symlink(os.path.realpath(src), dst)
+        symlinked.append(dst)
+    return dst
+
+
 def reuse_stage(source: Path, out_dir: Path, digest: str, step_cfg: DictConfig, wait_seconds: float = 1800) -> bool:
-    """Copy ``source`` (the same stage of another run folder) to ``out_dir`` when it finished with ``digest``.
-    Files keep their times, so the fingerprints of later steps match the other folder's; the config.yaml is this
-    run's (the report names rows by it); wandb runs stay with the run that logged them. Under DDP every process
-    runs the pipeline: rank 0 copies, the others wait for its done marker."""
+    """Link ``source`` (the same stage of another run folder) into ``out_dir`` when it finished with ``digest``:
+    folders are made here, large files are hard links (symlinks across file systems), small ones copies, so a
+    reused step costs almost no disk. Links and copies keep the files' names, sizes and times, so the
+    fingerprints of later steps match the other folder's. The config.yaml and done marker are this run's own (the
+    report names rows by the config); wandb runs stay with the run that logged them. Under DDP every process runs
+    the pipeline: rank 0 links, the others wait for its done marker."""
     if source.resolve() == out_dir.resolve() or not runtime.is_done(source, digest):
         return False
     if not runtime.is_rank_zero():
         deadline = time.monotonic() + wait_seconds
         while not runtime.is_done(out_dir, digest):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"pipeline.reuse: rank 0 did not copy {source} to {out_dir} in {wait_seconds} s")
+                raise TimeoutError(f"pipeline.reuse: rank 0 did not link {source} into {out_dir} in {wait_seconds} s")
             time.sleep(1.0)
         return True
-    shutil.rmtree(out_dir, ignore_errors=True)  # a partial stage of this folder: the finished one replaces it
-    shutil.copytree(source, out_dir, ignore=shutil.ignore_patterns("wandb"))
+    # a partial stage of this folder (or a link left by an older layout): the finished one replaces it
+    if out_dir.is_symlink():
+        out_dir.unlink()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    symlinked: list[str] = []
+    shutil.copytree(source, out_dir, ignore=lambda d, names: [n for n in names if n in OWN_FILES and Path(d) == source],
+                    copy_function=lambda src, dst: _link_or_copy(src, dst, symlinked))
+    if symlinked:
+        log.warning("pipeline.reuse: %d files of %s are symlinks (no hard links into %s): keep that run folder",
+                    len(symlinked), source, out_dir)
     runtime.save_resolved_config(step_cfg, out_dir)
     runtime.mark_done(out_dir, digest, reused_from=str(source))
     return True
 
 
+def _seconds(cfg: DictConfig, key: str, default: float) -> float:
+    value = OmegaConf.select(cfg, key, default=default)
+    require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, key,
+            f"must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def run_pipeline(cfg: DictConfig) -> dict:
+    """Every process of a DDP run goes through the steps together: no step starts on any rank before the one before
+    it finished on all of them, rank 0's saving and evaluation included (``pipeline.barrier_timeout_seconds``)."""
     reuse = OmegaConf.select(cfg, "pipeline.reuse", default=None)
-    wait = OmegaConf.select(cfg, "pipeline.reuse_wait_seconds", default=1800)
-    require(isinstance(wait, (int, float)) and not isinstance(wait, bool) and wait > 0,
-            "pipeline.reuse_wait_seconds", f"must be a number of seconds > 0, got {wait!r}")  # also without reuse
+    wait = _seconds(cfg, "pipeline.reuse_wait_seconds", 1800)  # checked also without reuse
+    barrier_s = _seconds(cfg, "pipeline.barrier_timeout_seconds", 7200)
+    monitored_student(cfg)  # a bad name stops the pipeline before its first step
     if reuse is not None:
         require(Path(str(reuse)).is_dir(), "pipeline.reuse", f"no run folder {reuse}")
     results = {}
     for label, step in _plan(cfg):
         out_dir, digest, run, step_cfg = step()
+        ran_here = False
+        source = Path(str(reuse)) / out_dir.name if reuse is not None else None
         if not cfg.force and runtime.is_done(out_dir, digest) and outputs_intact(label, out_dir):
             log.info("pipeline: %s is done for config %s, skipping (force=true reruns it)", label, digest)
             results[label] = "skipped"
-            continue
-        source = Path(str(reuse)) / out_dir.name if reuse is not None else None
         # a finished source whose set was damaged afterwards is not copied
-        if (source is not None and not cfg.force
-                and (not runtime.is_done(source, digest) or outputs_intact(label, source))
-                and reuse_stage(source, out_dir, digest, step_cfg, float(wait))):
+        elif (source is not None and not cfg.force
+              and (not runtime.is_done(source, digest) or outputs_intact(label, source))
+              and reuse_stage(source, out_dir, digest, step_cfg, wait)):
             log.info("pipeline: %s reused from %s (same config and inputs)", label, source)
             results[label] = "reused"
-            continue
-        metrics = run() or {}
-        results[label] = "skipped" if metrics.get("skipped") else "ran"
-    report = run_report(cfg)
-    log.info("Report: %s", Path(report["report_dir"]) / "results.md")
+        else:
+            metrics = run() or {}
+            results[label] = "skipped" if metrics.get("skipped") else "ran"
+            ran_here = results[label] == "ran"
+        distributed.after_step(label, lambda out_dir=out_dir, digest=digest: runtime.is_done(out_dir, digest),
+                               ran_here, barrier_s)
+    report = {}
+    if runtime.is_rank_zero():  # one writer for results.md and its plots
+        report = run_report(cfg)
+        log.info("Report: %s", Path(report["report_dir"]) / "results.md")
+    if distributed.distributed_ready():
+        distributed.barrier("the report", barrier_s)
     return {**results, **report}
 
+
+def monitored_student(cfg: DictConfig) -> list[str]:
+    """The student runs whose validation accuracy the pipeline reports to a sweeper (``pipeline.monitor``, null =
+    the last of ``pipeline.students``): one run, or one per ``pipeline.student_seeds`` seed."""
+    names = [str(n) for n in (cfg.pipeline.students or {})]
+    monitor = OmegaConf.select(cfg, "pipeline.monitor", default=None)
+    if not names or "students" not in cfg.pipeline.stages:
+        require(monitor is None, "pipeline.monitor", "names a student, but the pipeline trains none")
+        return []
+    monitor = names[-1] if monitor is None else str(monitor)
+    require(monitor in names, "pipeline.monitor", f"{monitor!r} is not one of pipeline.students {names}")
+    seeds = check_seeds(OmegaConf.select(cfg, "pipeline.student_seeds", default=None), "pipeline.student_seeds")
+    return [monitor + seed_suffix(s) for s in seeds] if len(seeds or []) > 1 else [monitor]
+
+
+def monitored_value(cfg: DictConfig) -> Optional[float]:
+    """The monitored student's best validation accuracy (the mean over its seeds) from its metrics.json; None
+    when the pipeline trains no student or a run has no value."""
+    import json
+
+    values = []
+    for name in monitored_student(cfg):
+        path = Path(cfg.paths.run_dir) / name / "metrics.json"
+        value = json.loads(path.read_text()).get("best_val_acc") if path.is_file() else None
+        if value is None:
+            return None
+        values.append(float(value))
+    return sum(values) / len(values) if values else None

@@ -6,6 +6,10 @@ teacher alone) with the relabel stage's predictor and vote, and written as a set
 (``<run>/pseudolabel/dataset``), so a student reads it like synthetic faces (``mix.synthetic=``). The labelled
 subset, val and test faces are never in it. The data card scores the pseudo-labels against the dataset's own
 labels of those faces, which no model is trained on.
+
+Unlike relabel's labels table, the faces are stored in the set: it holds at most the real train set's unlabelled
+part (not 5x of it) at the data's own size, and a student then reads it without going back through the real
+data's format-specific loader.
 """
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import runtime
-from lightning_modules.runtime import require
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import require
 from lightning_modules.stages import relabel_stage
 
 HASH_KEYS = ["data", "generator.data", "pseudolabel", "trainer", "seed"]
@@ -69,7 +73,7 @@ def run_pseudolabel_stage(cfg: DictConfig) -> dict:
 
     from datamodules.batch import RecordDataset, collate_fer
     from datamodules.transforms import eval_transform
-    from lightning_modules.voting import ensemble_vote
+    from lightning_modules.labeling.voting import ensemble_vote
 
     check_pseudolabel_config(cfg)
     pl = cfg.pseudolabel

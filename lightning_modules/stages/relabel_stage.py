@@ -1,7 +1,9 @@
 """`stage=relabel`: FERAnno and the timm teachers predict every synthetic face (``trainer.predict``, DDP-able),
-the ensemble vote (voting.py) turns their probabilities, and by default the label each face was synthesized for
+the ensemble vote (labeling/voting.py) turns their probabilities, and by default the label each face was synthesized for
 (``relabel.condition_voter``), into hard / soft / dropped labels, and the relabelled set is written with a data
-card that counts how often each rule fired. Nothing is deleted: dropped faces stay with ``kept = false``."""
+card that counts how often each rule fired. The relabelled set holds no faces: a labels table joined by
+``sample_id`` to the synthesized set it references (datamodules/label_table.py), with the data card as its
+README.md. Nothing is deleted: dropped faces stay with ``kept = false``."""
 from __future__ import annotations
 
 import math
@@ -16,8 +18,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import DataError
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError, require
 
 HASH_KEYS = ["relabel", "trainer", "seed"]
 
@@ -61,7 +63,7 @@ def done_digest(cfg: DictConfig) -> str:
 
 
 def check_relabel_config(cfg: DictConfig) -> None:
-    from datamodules.synthetic import MANIFEST, verify_synthetic
+    from datamodules.synthetic import MANIFEST, read_image_manifest, verify_synthetic
 
     rl = cfg.relabel
     require(bool(rl.enabled), "relabel.enabled", "relabeling is off in this config (the ablation without relabel)")
@@ -71,6 +73,7 @@ def check_relabel_config(cfg: DictConfig) -> None:
         if not (Path(str(path)) / MANIFEST).is_file():
             raise ConfigError("relabel.input", f"no synthetic set at {path} (no {MANIFEST}; run stage=synthesize or "
                                                "the generator evaluation first)")
+        read_image_manifest(path)  # a relabelled set (labels only) is not voted on again
         verify_synthetic(path)  # a damaged set is a DataError naming the shard file and the fix
     check_voters(rl, "relabel")
     condition_weight(rl)
@@ -114,7 +117,7 @@ def check_voters(node: DictConfig, key: str) -> None:
 
 
 def load_voters(cfg: DictConfig, key: str = "relabel") -> dict[str, nn.Module]:
-    from lightning_modules.teacher import load_fer_classifier
+    from lightning_modules.paradigms.teacher import load_fer_classifier
 
     voters = {name: load_fer_classifier(str(v.checkpoint)) for name, v in cfg[key].voters.items()}
     classes = {name: int(v.hparams.num_classes) for name, v in voters.items()}
@@ -170,25 +173,51 @@ def card_metrics(card: dict) -> dict[str, float]:
     return out
 
 
+def label_table(sample_ids: list[str], voter_names: list[str], probs: torch.Tensor, result):
+    """The vote as a ``datasets.Dataset`` in the faces' order: what the relabelled set stores (no faces)."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    columns = {"sample_id": (sample_ids, Value("string"))}
+    for v, name in enumerate(voter_names):
+        columns[f"probs/{name}"] = (probs[v].tolist(), Sequence(Value("float32")))
+    for column, values, kind in (("final_label", result.final_label, "int64"),
+                                 ("soft_label", result.soft_label, None), ("is_soft", result.is_soft, "bool"),
+                                 ("confidence", result.confidence, "float32"),
+                                 ("voters_agree", result.voters_agree, "bool"), ("kept", result.kept, "bool")):
+        columns[column] = (values.tolist(), Value(kind) if kind else Sequence(Value("float32")))
+    return Dataset.from_dict({k: v for k, (v, _) in columns.items()},
+                             features=Features({k: f for k, (_, f) in columns.items()}))
+
+
+def source_color_mode(inputs: list) -> dict:
+    """The colour mode the faces are stored in, when the sources agree (the mix logs conversions by it)."""
+    from datamodules.synthetic import read_manifest
+
+    modes = {read_manifest(p).get("meta", {}).get("color_mode", "rgb") for p in inputs}
+    return {"color_mode": modes.pop()} if len(modes) == 1 else {}
+
+
 def run_relabel_stage(cfg: DictConfig) -> dict:
     from torch.utils.data import DataLoader
 
-    from datamodules.synthetic import SyntheticFERDataset, load_synthetic, write_dataset
-    from lightning_modules.voting import data_card, data_card_markdown, ensemble_vote
+    from datamodules.label_table import write_label_set
+    from datamodules.synthetic import SyntheticFERDataset, load_synthetic
+    from lightning_modules.labeling.voting import data_card, data_card_markdown, ensemble_vote
 
     check_relabel_config(cfg)
     rl = cfg.relabel
     out_dir = runtime.stage_dir(cfg, "relabel")
     inputs = [rl.input] if isinstance(rl.input, str) else list(rl.input)
     dataset = load_synthetic(inputs)
-    sample_ids = list(dataset["sample_id"])
+    columns = dataset.with_format("arrow")  # Arrow -> list: fast at a million faces, a Column is not
+    sample_ids = columns["sample_id"].to_pylist()
     if len(sample_ids) != len(set(sample_ids)):
         raise DataError(f"relabel.input {inputs}: sample ids are not unique")
     voters = load_voters(cfg)
     first = next(iter(voters.values()))
     num_classes = int(first.hparams.num_classes)
     class_names = list(getattr(first, "class_names", [str(c) for c in range(num_classes)]))
-    conditioned = list(dataset["target_label"])
+    conditioned = columns["target_label"].to_pylist()
     check_conditioned_labels(conditioned, num_classes, inputs)
     cond_weight = condition_weight(rl)
     loader = DataLoader(SyntheticFERDataset(dataset, int(rl.image_size), num_classes, use_relabel=False,
@@ -219,17 +248,13 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
             card = data_card(conditioned, result, class_names)
             card["voter_accuracy_vs_condition"] = {
                 name: (probs[v].argmax(-1) == conditioned).float().mean().item() for v, name in enumerate(voters)}
-            relabelled = dataset
-            for v, name in enumerate(voters):
-                relabelled = relabelled.add_column(f"probs/{name}", probs[v].tolist())
-            for column, values in (("final_label", result.final_label), ("soft_label", result.soft_label),
-                                   ("is_soft", result.is_soft), ("confidence", result.confidence),
-                                   ("voters_agree", result.voters_agree), ("kept", result.kept)):
-                relabelled = relabelled.add_column(column, values.tolist())
-            write_dataset(out_dir / "dataset", relabelled,
-                          meta={"source": [str(p) for p in inputs], "voters": list(voters),
-                                "voter_weights": dict(zip(voters, weights)), "condition_voter": card["condition_voter"],
-                                "threshold": float(rl.threshold)})
+            labels = label_table(sample_ids, list(voters), probs, result)
+            meta = {"source": [str(p) for p in inputs], "voters": list(voters),
+                    "voter_weights": dict(zip(voters, weights)), "condition_voter": card["condition_voter"],
+                    "threshold": float(rl.threshold), "class_names": class_names,
+                    **source_color_mode(inputs)}
+            write_label_set(out_dir / "dataset", inputs, labels, meta, card=data_card_markdown(card))
+            relabelled = load_synthetic(out_dir / "dataset")  # the join, checked once as every reader will
             runtime.write_json_atomic(out_dir / "data_card.json", card)
             (out_dir / "data_card.md").write_text(data_card_markdown(card))
             metrics = {"seconds": time.time() - start, "world_size": trainer.world_size,

@@ -1,9 +1,11 @@
 """`stage=report`: collect every stage's metrics.json of the run folder (and of the sweep folders in
 ``report.dirs``) into ``<run>/report/``: results.md (classifier, scaling, ablation, generator, synthesis and relabel
 tables), scaling.png / ablation.png, a per-expression grid of the synthetic faces, the copied confusion matrices and
-generator grids, and one flat metrics.json (``<stage>/<metric>``, ``scaling/...``, ``ablation/...``).
+generator grids, and one flat metrics.json (``<stage>/<metric>``, ``scaling/...``, ``ablation/...``). Students of
+recipes beyond plain real / concat / synthetic-only scaling get the "does it help?" recipe table (``recipes/...``),
+also logged to wandb as a table when the logger has wandb on.
 
-File discovery lives here; the tables and plots are pure functions in lightning_modules/report_plots.py."""
+File discovery lives here; the tables and plots are pure functions in lightning_modules/report/plots.py."""
 from __future__ import annotations
 
 import json
@@ -15,13 +17,18 @@ from typing import Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import runtime
-from lightning_modules.report_plots import (JobResult, StudentRecord, ablation_markdown, ablation_metrics,
-                                            ablation_rows, classifier_notes, fmt, is_ablation, natural_key,
-                                            plot_ablation, plot_scaling, save_synthetic_samples, scaling_markdown,
-                                            scaling_metrics, scaling_table, switches_of)
-from lightning_modules.report_students import (PROTOCOL_COLUMNS, group_of, group_students, protocol_of, run_protocol,
+from lightning_modules.report.plots import (SELF_TRAINING, JobResult, StudentRecord, ablation_markdown,
+                                            ablation_metrics, ablation_rows, classifier_notes, fmt, is_ablation,
+                                            natural_key, plot_ablation, plot_scaling, save_synthetic_samples,
+                                            scaling_markdown, scaling_metrics, scaling_table, switches_of)
+from lightning_modules.report.clip import clip_markdown, clip_metrics, clip_run
+from lightning_modules.report.fewshot import fewshot_markdown, fewshot_metrics, fewshot_run
+from lightning_modules.report.recipes import (REAL_ONLY, WANDB_COLUMNS, RecipeRun, needs_recipe_table, recipe_of,
+                                              recipe_table, recipes_markdown, recipes_metrics, recipes_wandb_rows)
+from lightning_modules.report.ssl import ssl_markdown, ssl_metrics, ssl_run
+from lightning_modules.report.students import (PROTOCOL_COLUMNS, group_of, group_students, protocol_of, run_protocol,
                                                select, students_markdown)
+from lightning_modules.run import runtime
 
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
             "data/train_size")
@@ -85,13 +92,47 @@ def _student_record(job: str, stage: str, metrics: dict, config: Optional[dict])
     scale = 0.0 if mode == "real_only" else (float(scale) if scale is not None else None)
     return StudentRecord(job, stage, mode, scale, metrics.get("test/acc"), metrics.get("test/mean_class_acc"),
                          metrics.get("test/macro_f1"), config.get("experiment_name"), switches_of(config),
-                         run_protocol(metrics, config, stage))
+                         run_protocol(metrics, config, stage), extra_faces_of(metrics.get("data/mix/synthetic")))
 
 
-def read_job(job_dir: Path, name: str, missing_config: Optional[list[Path]] = None) -> JobResult:
+def extra_faces_of(sets) -> str:
+    """SELF_TRAINING when every set a student mixed in is a pseudo-label set of real faces (its manifest says
+    ``meta.source: pseudolabel``), else "synthetic" (also when a set is gone: it then cannot be told apart)."""
+    from datamodules.errors import DataError
+    from datamodules.synthetic import read_manifest
+
+    sets = [sets] if isinstance(sets, str) else list(sets or [])
+    sources = []
+    for path in sets:
+        try:
+            sources.append(read_manifest(Path(path)).get("meta", {}).get("source"))
+        except (DataError, OSError, ValueError):  # a moved or deleted set: unknown
+            sources.append(None)
+    return SELF_TRAINING if sources and all(s == "pseudolabel" for s in sources) else "synthetic"
+
+
+def recipe_run(record: StudentRecord, config: Optional[dict], config_path: Path) -> Optional[RecipeRun]:
+    """A student as a run of the recipe table (its recipe from its config; without one, from its mix mode alone);
+    None without a test accuracy or a known mix mode. Pseudo-label students are a recipe of their own
+    (``<recipe>/self-training``). A mix value no student could have trained with is an error naming the file."""
+    if record.acc is None or record.mode is None:
+        return None
+    try:
+        recipe = recipe_of(config if config is not None else {"mix": {"mode": record.mode}})
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from err
+    if record.extra_faces == SELF_TRAINING and recipe != REAL_ONLY:
+        recipe = f"{recipe}/{SELF_TRAINING}"
+    return RecipeRun(f"{record.job}/{record.stage}", recipe, record.scale, float(record.acc), record.protocol,
+                     record.experiment)
+
+
+def read_job(job_dir: Path, name: str, missing_config: Optional[list[Path]] = None,
+             recipes: Optional[list[RecipeRun]] = None) -> JobResult:
     """A run folder: its stages' metrics (a corrupt metrics.json is an error naming it), the first readable stage
-    config.yaml as the job's config, and its students. Student folders without a readable config.yaml are appended
-    to ``missing_config`` (their mix settings then come from the metrics' data/mix/* keys)."""
+    config.yaml as the job's config, and its students (also appended to ``recipes`` as recipe runs). Student folders
+    without a readable config.yaml are appended to ``missing_config`` (their mix settings then come from the
+    metrics' data/mix/* keys)."""
     metrics = collect_metrics(job_dir)
     configs = {stage: read_config(job_dir / stage) for stage in metrics}
     students = []
@@ -101,6 +142,9 @@ def read_job(job_dir: Path, name: str, missing_config: Optional[list[Path]] = No
         record = _student_record(name, stage, m, configs[stage])
         if record is not None:
             students.append(record)
+            if recipes is not None:
+                run = recipe_run(record, configs[stage], job_dir / stage / "config.yaml")
+                recipes += [run] if run is not None else []
     config = next((c for c in configs.values() if c is not None), {})
     return JobResult(name, metrics, config, students)
 
@@ -113,25 +157,30 @@ def find_jobs(root: Path) -> list[Path]:
     return sorted(jobs, key=lambda j: natural_key(str(j.relative_to(root))))
 
 
-def collect_jobs(run_dir: Path, dirs: Sequence[Path]) -> tuple[JobResult, list[list[JobResult]]]:
+def collect_jobs(run_dir: Path, dirs: Sequence[Path], recipes: Optional[list[RecipeRun]] = None
+                 ) -> tuple[JobResult, list[list[JobResult]]]:
     """The run folder as a job, and the jobs found under each of ``dirs`` (the run folder itself left out; job names
-    relative to their folder). Warns once about student folders without a readable config.yaml."""
+    relative to their folder). ``recipes`` receives the students of the run folder and of every folder that is not an
+    ablation (those ran other experiments). Warns once about student folders without a readable config.yaml."""
     missing: list[Path] = []
-    run_job = read_job(run_dir, run_dir.name, missing)
+    run_job = read_job(run_dir, run_dir.name, missing, recipes)
     seen = {run_dir.resolve()}
     groups = []
     for root in dirs:
-        group = []
+        group, runs = [], []
         for job_dir in find_jobs(root):
             if job_dir.resolve() in seen:
                 continue
             seen.add(job_dir.resolve())
             name = str(job_dir.relative_to(root)) if job_dir != root else root.name
-            group.append(read_job(job_dir, name, missing))
+            group.append(read_job(job_dir, name, missing, runs))
         groups.append(group)
+        if recipes is not None and not is_ablation(group):
+            recipes += runs
     if missing:
         warnings.warn(f"report: {len(missing)} student folder(s) without a readable config.yaml (first: {missing[0]});"
-                      " their mix mode/scale come from metrics.json (data/mix/*), their ablation switches are unknown")
+                      " their mix mode/scale come from metrics.json (data/mix/*), their ablation switches are unknown"
+                      " and their recipe is named from the mix mode alone")
     return run_job, groups
 
 
@@ -244,13 +293,47 @@ def _synthetic_samples(run_dir: Path, out_dir: Path, per_class: int) -> list[str
             "![synthetic_samples](synthetic_samples.png)", ""]
 
 
+def paradigm_tables(jobs: Sequence[JobResult]) -> tuple[list[str], dict]:
+    """The self-supervised (``stage=ssl``), few-shot (``stage=fewshot``) and zero-shot (``stage=clip``) tables of
+    every job that ran them, and their flat metrics; stages are recognised by their metrics, whatever their folder is
+    called."""
+    ssl_runs, fewshot_runs, clip_runs = [], [], []
+    for job in jobs:
+        for stage, m in job.metrics.items():
+            name = job.name if len(jobs) == 1 else f"{job.name}/{stage}"
+            ssl_runs += [r for r in [ssl_run(name, m)] if r is not None]
+            fewshot_runs += [r for r in [fewshot_run(name, m)] if r is not None]
+            clip_runs += [r for r in [clip_run(name, m)] if r is not None]
+    return ssl_markdown(ssl_runs) + fewshot_markdown(fewshot_runs) + clip_markdown(clip_runs), {
+        **ssl_metrics(ssl_runs), **fewshot_metrics(fewshot_runs), **clip_metrics(clip_runs)}
+
+
+def log_to_wandb(cfg: DictConfig, out_dir: Path, tables: dict[str, tuple[list[str], list[list]]],
+                 metrics: dict[str, float]) -> None:
+    """The report's tables (name -> columns, rows) and flat metrics as one wandb run of stage ``report``, when the
+    config's logger has wandb on (a config without a logger node logs nothing)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not OmegaConf.select(cfg, "logger.wandb.enabled", default=False):
+        return
+    loggers = [lg for lg in runtime.build_loggers(cfg, out_dir, "report") if isinstance(lg, WandbLogger)]
+    try:
+        for lg in loggers:
+            for name, (columns, rows) in tables.items():
+                lg.log_table(name, columns=columns, data=rows)
+            lg.log_metrics(metrics)
+    finally:
+        runtime.finish_loggers(loggers)
+
+
 def run_report(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     dirs = [Path(str(d)) for d in (OmegaConf.select(cfg, "report.dirs", default=None) or [])]
     per_class = OmegaConf.select(cfg, "report.grid_per_class", default=8)
     runtime.require(isinstance(per_class, int) and per_class >= 1, "report.grid_per_class",
                     f"must be an integer >= 1, got {per_class!r}")
-    run_job, groups = collect_jobs(run_dir, dirs)
+    recipe_runs: list[RecipeRun] = []
+    run_job, groups = collect_jobs(run_dir, dirs, recipe_runs)
     metrics = run_job.metrics
     if not metrics and not any(groups):
         raise FileNotFoundError(f"no */metrics.json under {run_dir}" + (f" or {list(map(str, dirs))}" if dirs else "")
@@ -271,6 +354,19 @@ def run_report(cfg: DictConfig) -> dict:
         if any(r.mixed for r in rows):
             plot_ablation(rows, out_dir / "ablation.png")
         extra.update(ablation_metrics(rows))
+    wandb_tables, wandb_metrics = {}, {}
+    if needs_recipe_table([r.recipe.split("/")[0] for r in recipe_runs]):
+        baseline = baseline_runs(cfg, run_job)
+        recipes = recipe_table(recipe_runs, None if baseline is None else
+                               [RecipeRun(f"{r.job}/{r.stage}", REAL_ONLY, 0.0, r.acc, r.protocol, r.experiment)
+                                for r in baseline])
+        sections += recipes_markdown(recipes)
+        wandb_metrics = recipes_metrics(recipes)
+        extra.update(wandb_metrics)
+        wandb_tables["report/recipes"] = (WANDB_COLUMNS, recipes_wandb_rows(recipes))
+    paradigm_sections, paradigm_metrics = paradigm_tables([run_job, *[j for g in groups for j in g]])
+    sections += paradigm_sections
+    extra.update(paradigm_metrics)
     samples = _synthetic_samples(run_dir, out_dir, per_class)
     for stage in metrics:
         matrix = run_dir / stage / "confusion_matrix.png"
@@ -296,4 +392,6 @@ def run_report(cfg: DictConfig) -> dict:
                              configs, note)
     (out_dir / "results.md").write_text(text)
     runtime.write_metrics(out_dir, {**metrics, **extra})  # flattened to "<stage>/<metric>" keys
+    if wandb_tables:
+        log_to_wandb(cfg, out_dir, wandb_tables, wandb_metrics)
     return {"report_dir": str(out_dir), "stages": list(metrics), "jobs": 1 + sum(map(len, groups))}

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError, require
 
 STAGE = "synth_eval"
 HASH_KEYS = ["data", "synth_eval", "seed"]
@@ -42,7 +42,7 @@ def check_config(se: DictConfig) -> None:
 
 def set_judge(cfg: DictConfig):
     """``synth_eval.judge`` (separate | guide | a checkpoint) resolved against this run, its checkpoint checked."""
-    from lightning_modules.generation_eval import resolve_judge
+    from lightning_modules.generator.evaluation import resolve_judge
 
     judge = resolve_judge(str(cfg.synth_eval.judge), cfg.paths.run_dir, cfg.synthesis.guidance.classifier)
     if not judge.checkpoint.is_file():
@@ -78,7 +78,7 @@ def synthetic_conditions(rows: dict, seed: int):
     are repeated to three channels, as students get them."""
     import torchvision.transforms.v2.functional as TF
 
-    from lightning_modules.generation_eval import EvalConditions
+    from lightning_modules.generator.evaluation import EvalConditions
 
     images = torch.stack([TF.to_dtype(TF.to_image(im.convert("RGB")), torch.float32, scale=True)
                           for im in rows["image"]])
@@ -91,7 +91,7 @@ def synthetic_conditions(rows: dict, seed: int):
 
 def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
     """``n`` seeded real faces of ``split`` (labelled or not) in [0,1], one size: the FID/KID reference."""
-    from lightning_modules.generation_eval import reference_faces
+    from lightning_modules.generator.evaluation import reference_faces
     from lightning_modules.stages.classifier_stage import build_datamodule
 
     datamodule = build_datamodule(cfg)
@@ -107,8 +107,8 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
                  max_faces: Optional[int], seed: int, batch_size: int = 256, au_active_threshold: float = 1.0
                  ) -> dict:
     """The judge's scores of (a seeded subset of) ``dataset`` against its conditions + FID/KID against ``real``."""
-    from lightning_modules.generation_eval import (TeacherFeatures, distribution_metrics, fidelity_metrics,
-                                                   teacher_scores)
+    from lightning_modules.generator.evaluation import (TeacherFeatures, distribution_metrics, fidelity_metrics,
+                                                        teacher_scores)
 
     indices = pick(len(dataset), max_faces, seed)
     images, conds = synthetic_conditions(dataset.select(indices)[:], seed)
@@ -125,9 +125,9 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
 def run_synth_eval_stage(cfg: DictConfig) -> dict:
     from datamodules.labels import parse_au_list
     from datamodules.synthetic import load_synthetic
-    from lightning_modules.generation_eval import judge_record
+    from lightning_modules.generator.evaluation import judge_record
+    from lightning_modules.paradigms.teacher import load_teacher
     from lightning_modules.stages.synthesize_stage import synthesis_guidance
-    from lightning_modules.teacher import load_teacher
 
     se = cfg.synth_eval
     check_config(se)
@@ -139,6 +139,8 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
     if not cfg.get("force", False) and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
         log.info("synth_eval: %s is already evaluated with this judge and config", se.input)
         return {"skipped": True}
+    if not runtime.is_rank_zero():  # one process scores the set; under DDP the pipeline's barrier waits for it
+        return {"scored_on_rank_zero": True}
     judge = load_teacher(path)
     vocab = parse_au_list(cfg.data.aus)
     if int(judge.hparams.num_aus) != len(vocab):

@@ -21,8 +21,9 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules import runtime
-from lightning_modules.runtime import ConfigError, require
+from lightning_modules.run import runtime
+from lightning_modules.run.runtime import ConfigError, require
+from lightning_modules.synthesis.output_set import finalize, prepare_output, set_damage
 
 # Settings that do not change a single byte of the set: they may differ between a run and its resume.
 NOT_FINGERPRINTED = ("overwrite", "num_workers", "progress")
@@ -89,14 +90,29 @@ def check_synthesis_config(cfg: DictConfig) -> None:
     check_sample_settings(cfg)
     plan_config(cfg)
     layout_config(cfg)
+    storage_settings(cfg)
     guidance = synthesis_guidance(cfg)
     if guidance.enabled:
         require(Path(str(syn.guidance.classifier)).is_file(), "synthesis.guidance.classifier",
                 f"guidance classifier checkpoint not found: {syn.guidance.classifier} (run stage=teacher first)")
 
 
+def storage_settings(cfg: DictConfig):
+    """``synthesis.storage`` checked (absent = PNG at the generator's size); a bad value names its key."""
+    from datamodules.face_storage import StorageConfigError, storage_config
+
+    values = OmegaConf.select(cfg, "synthesis.storage")
+    values = OmegaConf.to_container(values, resolve=True) if values is not None else None
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError("synthesis.storage", f"must be a mapping (image_size, format, quality), got {values!r}")
+    try:
+        return storage_config(values)
+    except StorageConfigError as err:
+        raise ConfigError(f"synthesis.storage.{err.field}", str(err)) from err
+
+
 def synthesis_guidance(cfg: DictConfig):
-    from lightning_modules.stages.generator_stage import semantic_guidance
+    from lightning_modules.guidance.settings import semantic_guidance
 
     return semantic_guidance(cfg.synthesis.guidance, "synthesis.guidance")
 
@@ -139,6 +155,8 @@ def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int, captioner) -> s
     layout = layout_config(cfg)
     if not layout.enabled:  # settings of a switched-off step change no byte (and sets made before it keep theirs)
         syn.pop("layout_init", None)
+    if storage_settings(cfg).is_default:  # PNG at the generator's size: the bytes of sets made before the option
+        syn.pop("storage", None)
     parts = {"synthesis": syn, "plan_size": plan_size,
              "captions": {**captioner.settings(), "name_aus": captioner.name_aus},
              "generator": runtime.path_fingerprint(Path(str(cfg.synthesis.generator_path)))}
@@ -147,81 +165,6 @@ def synthesis_fingerprint(cfg: DictConfig, plan, plan_size: int, captioner) -> s
     if needs_real_data(plan, layout):  # layout sources are real faces too
         parts["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_output(dataset_dir: Path, fingerprint: str, overwrite: bool, plan_size: int, chunk_size: int,
-                   ours: bool = False) -> tuple[int, list[str]]:
-    """Rank 0, once the run is ready to start: refuse a different config's set (unless ``overwrite``), clean up
-    after a kill or damage. ``ours``: this stage finished this config in ``dataset_dir`` (its done marker), so a set
-    whose manifest was deleted is recovered from its shards. Returns (finished samples, shards dropped as
-    damaged)."""
-    from datamodules.synthetic import FORMAT, MANIFEST, _write_manifest, check_shards, read_manifest
-
-    if (dataset_dir / MANIFEST).is_file():
-        old = read_manifest(dataset_dir).get("meta", {}).get("fingerprint")
-        if old != fingerprint:
-            if not overwrite:
-                raise ConfigError("synthesis.overwrite", f"{dataset_dir} holds a synthetic set made with another "
-                                  f"config (fingerprint {old} != {fingerprint}); set synthesis.overwrite=true to "
-                                  "replace it, or use another experiment_name")
-            shutil.rmtree(dataset_dir)
-    elif dataset_dir.exists() and any(dataset_dir.iterdir()):
-        if ours:
-            kept = rebuild_manifest(dataset_dir, fingerprint, plan_size, chunk_size)
-            log.warning("synthesize: %s lost its %s after the run finished; rebuilt it from the %d intact shards, "
-                        "the rest is made again", dataset_dir, MANIFEST, len(kept))
-        elif not overwrite:
-            raise ConfigError("synthesis.overwrite", f"{dataset_dir} exists but is not a synthetic set; set "
-                              "synthesis.overwrite=true to replace it")
-        else:
-            shutil.rmtree(dataset_dir)
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    if not (dataset_dir / MANIFEST).is_file():
-        _write_manifest(dataset_dir, {"format": FORMAT, "shards": [], "meta": {
-            "fingerprint": fingerprint, "plan_size": plan_size, "complete": False}})
-    good, dropped = check_shards(dataset_dir)
-    if dropped:
-        update_complete(dataset_dir, False)
-    return read_manifest(dataset_dir)["count"], dropped
-
-
-def update_complete(dataset_dir: Path, complete: bool) -> None:
-    from datamodules.synthetic import update_manifest
-
-    update_manifest(dataset_dir, complete=complete)
-
-
-def rebuild_manifest(dataset_dir: Path, fingerprint: str, plan_size: int, chunk_size: int) -> list[str]:
-    """The manifest of a set this config finished, from its chunk shards that read back with their chunk's row
-    count (``finalize`` checks the ids against the plan afterwards); the other shard folders are removed by
-    ``check_shards`` and made again."""
-    from datamodules.errors import DataError
-    from datamodules.synthesis import chunk_name, num_chunks
-    from datamodules.synthetic import FORMAT, _write_manifest, open_shard
-
-    shards = []
-    for chunk in range(num_chunks(plan_size, chunk_size)):
-        entry = {"name": chunk_name(chunk), "count": min(chunk_size, plan_size - chunk * chunk_size)}
-        try:
-            open_shard(dataset_dir, entry)
-        except DataError:
-            continue
-        shards.append(entry)
-    _write_manifest(dataset_dir, {"format": FORMAT, "shards": shards, "meta": {
-        "fingerprint": fingerprint, "plan_size": plan_size, "complete": False}})
-    return [s["name"] for s in shards]
-
-
-def set_damage(dataset_dir: Path) -> Optional[str]:
-    """None when the set is intact (manifest, every shard there, readable, with its row count), else why not."""
-    from datamodules.errors import DataError
-    from datamodules.synthetic import verify_synthetic
-
-    try:
-        verify_synthetic(dataset_dir)
-    except DataError as err:
-        return str(err)
-    return None
 
 
 def checked_plan(cfg: DictConfig):
@@ -317,7 +260,8 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            metrics = finalize(dataset_dir, out_dir, plan, size, time.time() - start, trainer.world_size)
+            metrics = finalize(dataset_dir, out_dir, plan, size, time.time() - start, trainer.world_size,
+                               card_settings(cfg))
             for lg in loggers:
                 lg.log_metrics({f"synthesize/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     finally:
@@ -328,8 +272,8 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
 
 def load_synthesizer(cfg: DictConfig, vocab):
     """The trained pipeline from ``synthesis.generator_path`` + the guidance settings and guide."""
-    from lightning_modules.generator_pipeline import SynFERPipeline
-    from lightning_modules.stages.generator_stage import load_guide
+    from lightning_modules.generator.pipeline import SynFERPipeline
+    from lightning_modules.guidance.settings import load_guide
 
     syn = cfg.synthesis
     pipe = SynFERPipeline.from_pretrained(str(syn.generator_path))
@@ -344,7 +288,7 @@ def load_synthesizer(cfg: DictConfig, vocab):
 
 
 def check_sample_settings(cfg: DictConfig) -> None:
-    from lightning_modules.generator_components import SAMPLERS
+    from lightning_modules.generator.components import SAMPLERS
 
     sample = OmegaConf.to_container(cfg.synthesis.sample, resolve=True)
     require(sample.get("sampler", "ddim") in SAMPLERS, "synthesis.sample.sampler",
@@ -353,7 +297,7 @@ def check_sample_settings(cfg: DictConfig) -> None:
 
 
 def _synthesis_module(pipe, cfg: DictConfig, guidance, guide, layout_strength=None):
-    from lightning_modules.synthesis import SynthesisModule
+    from lightning_modules.synthesis.writer import SynthesisModule
 
     check_sample_settings(cfg)
     return SynthesisModule(pipe, OmegaConf.to_container(cfg.synthesis.sample, resolve=True), guidance, guide,
@@ -362,40 +306,22 @@ def _synthesis_module(pipe, cfg: DictConfig, guidance, guide, layout_strength=No
 
 def _writer(cfg: DictConfig, dataset_dir: Path, out_dir: Path, guidance, num_aus: int, remaining: int, layout=None):
     """Each row's ``guidance`` cell: the sampling, guidance and (when on) layout settings it was made with."""
-    from lightning_modules.synthesis import ShardWriter
+    from lightning_modules.synthesis.writer import ShardWriter
 
     settings = {"guidance": OmegaConf.to_container(cfg.synthesis.guidance, resolve=True) if guidance.enabled
                 else None, "sample": OmegaConf.to_container(cfg.synthesis.sample, resolve=True)}
     if layout is not None:
         settings["layout_init"] = layout.config.settings()
     return ShardWriter(dataset_dir, out_dir / "stats", json.dumps(settings, sort_keys=True), num_aus, remaining,
-                       progress=bool(cfg.synthesis.progress), layout=layout is not None)
+                       progress=bool(cfg.synthesis.progress), layout=layout is not None, storage=storage_settings(cfg))
 
 
-def finalize(dataset_dir: Path, out_dir: Path, plan, size: int, seconds: float, world_size: int) -> dict:
-    """Check that every plan row is in the set exactly once, order the shards, mark the set complete; the summary
-    (images, time, images/s per device) is printed and returned."""
-    from datamodules.synthetic import check_shards, load_synthetic, update_manifest
+def card_settings(cfg: DictConfig) -> dict:
+    """What the set's README.md names besides its manifest: generator, sampling, guidance, class names."""
+    from datamodules.labels import class_names
 
-    good, dropped = check_shards(dataset_dir)
-    if dropped:
-        raise RuntimeError(f"synthesize: shards {dropped} were damaged while writing; rerun to redo them")
-    update_manifest(dataset_dir, sort_shards=True)
-    ids = load_synthetic(dataset_dir, allow_incomplete=True)["sample_id"]
-    expected = plan.rows(range(size))["sample_id"] if size <= 10_000 else None
-    if len(ids) != size or len(set(ids)) != size or (expected is not None and list(ids) != list(expected)):
-        raise RuntimeError(f"synthesize: the set has {len(ids)} rows ({len(set(ids))} distinct ids), the plan "
-                           f"{size}; rerun the command to redo missing chunks")
-    stats = [json.loads(p.read_text()) for p in sorted((out_dir / "stats").glob("rank*.json"))]
-    made = sum(s["images"] for s in stats)
-    per_device = {f"rank{s['rank']}": s["images"] / s["seconds"] if s["seconds"] > 0 else None for s in stats}
-    counts = np.bincount(np.asarray(plan.labels[:size]), minlength=int(plan.labels.max()) + 1).tolist()
-    layout = {"layout_init": plan.layout.summary()} if plan.layout is not None else {}
-    update_manifest(dataset_dir, complete=True, count=size, class_counts=counts, **layout)
-    summary = {**layout, "images": size, "generated_now": made, "seconds": seconds, "world_size": world_size,
-               "images_per_second": made / seconds if seconds > 0 else None,
-               "images_per_second_per_device": per_device, "dataset": str(dataset_dir),
-               "class_counts": counts}
-    log.info("synthesize: %d faces in %s (%d generated now in %.1f s, %.2f img/s on %d process(es))", size,
-             dataset_dir, made, seconds, summary["images_per_second"] or 0, world_size)
-    return summary
+    return {"generator": str(cfg.synthesis.generator_path),
+            "sample": OmegaConf.to_container(cfg.synthesis.sample, resolve=True),
+            "guidance": OmegaConf.to_container(cfg.synthesis.guidance, resolve=True)
+            if synthesis_guidance(cfg).enabled else None,
+            "class_names": list(class_names(int(cfg.data.protocol)))}

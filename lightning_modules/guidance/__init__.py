@@ -1,0 +1,1 @@
+"""Semantic guidance: the pure guidance math, the sampler hooks, and the settings read from a config."""

@@ -1,0 +1,1 @@
+"""Supervised FER paradigms: the timm classifier, its teacher and student, their losses and metrics."""

@@ -1,0 +1,1 @@
+"""Run orchestration shared by the stages: runtime, preflight, distributed, exact resume, lineage."""
