@@ -104,3 +104,53 @@ def test_bad_settings_name_the_key(tiny_cfg, tmp_path, untrained_teacher_ckpt, o
     cfg = _stage_cfg(tiny_cfg, tmp_path, untrained_teacher_ckpt, 8, override)
     with pytest.raises(error, match=key):
         train.run_stage(cfg)
+
+
+def test_vote_quality_counts_kept_faces_and_whom_the_judge_sides_with():
+    from lightning_modules.stages.synth_eval_stage import vote_quality
+
+    conditioned = torch.tensor([0, 0, 1, 1, 1, 2])
+    final = torch.tensor([0, 1, 1, 0, 1, 2])       # faces 1 and 3 relabelled
+    kept = torch.tensor([True, True, True, True, False, True])  # face 4 dropped: it never counts
+    judge = torch.tensor([0, 1, 2, 1, 1, 0])
+    soft = torch.nn.functional.one_hot(final, 3).float()
+    soft[0] = torch.tensor([0.5, 0.25, 0.25])
+    q = vote_quality(judge, conditioned, final, kept, soft, ["neutral", "happy", "sad"])
+    assert q["vote/kept"] == pytest.approx(5 / 6)
+    assert q["vote/judge_agrees"] == pytest.approx(2 / 5)  # faces 0 and 1
+    assert q["vote/keeps_condition"] == pytest.approx(3 / 5)
+    assert q["vote/changed/judge_agrees_vote"] == pytest.approx(1 / 2)  # face 1 yes, face 3 no
+    assert q["vote/changed/judge_agrees_condition"] == pytest.approx(1 / 2)  # face 3
+    assert q["vote/soft_mass_on_judge"] == pytest.approx((0.5 + 1 + 0 + 0 + 0) / 5)
+    assert q["vote/judge_agrees/neutral"] == pytest.approx(1.0)
+    assert q["vote/judge_agrees/happy"] == pytest.approx(0.0)  # face 2 (face 4 dropped)
+    assert q["vote/judge_agrees/sad"] == pytest.approx(0.0)
+
+
+def test_vote_quality_of_groups_without_faces_is_none():
+    from lightning_modules.stages.synth_eval_stage import vote_quality
+
+    labels = torch.tensor([0, 1])
+    q = vote_quality(labels, labels, labels, torch.tensor([True, True]))
+    assert q["vote/changed/judge_agrees_vote"] is None and q["vote/judge_agrees"] == 1.0
+    assert "vote/soft_mass_on_judge" not in q
+    assert vote_quality(labels, labels, labels, torch.tensor([False, False]))["vote/judge_agrees"] is None
+
+
+def test_a_relabelled_set_gets_the_votes_quality_and_a_plain_one_does_not(tmp_path, judge):
+    write_toy_synthetic_set(tmp_path / "set", n=12)
+    dataset = load_synthetic(tmp_path / "set")
+    with torch.no_grad():
+        plain = evaluate_set(dataset, judge, 32, list(range(12)), real=None, max_faces=None, seed=0)
+    assert not any(k.startswith("vote/") for k in plain)
+    conditioned = torch.tensor(dataset["target_label"])
+    final = (conditioned + torch.arange(12) % 2) % 8  # every other face relabelled
+    relabelled = (dataset.add_column("final_label", final.tolist()).add_column("kept", [True] * 12)
+                  .add_column("soft_label", torch.nn.functional.one_hot(final, 8).float().tolist()))
+    with torch.no_grad():
+        voted = evaluate_set(relabelled, judge, 32, list(range(12)), real=None, max_faces=8, seed=0)
+    assert voted["fer_acc"] == pytest.approx(evaluate_set(dataset, judge, 32, list(range(12)), real=None,
+                                                          max_faces=8, seed=0)["fer_acc"])
+    assert voted["vote/keeps_condition"] == pytest.approx(
+        (final == conditioned)[torch.from_numpy(pick(12, 8, 0))].float().mean().item())
+    assert voted["vote/soft_mass_on_judge"] == pytest.approx(voted["vote/judge_agrees"])  # hard labels

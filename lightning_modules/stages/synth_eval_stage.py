@@ -3,7 +3,10 @@ the set's faces against the conditions they were synthesized for:
 
 - FER-Acc: the judge's argmax equals the conditioned (target) expression, overall and per class;
 - AU fidelity (sets made with AU targets): per-AU Pearson r / MAE / AU-Acc of the judge's AU head vs the targets;
-- FID / KID against real faces of ``synth_eval.real_split`` in the judge's feature space.
+- FID / KID against real faces of ``synth_eval.real_split`` in the judge's feature space;
+- on a relabelled set, how good the vote's labels are by the judge (``vote_quality``): does the judge agree with
+  the label a student would learn, where the vote kept or changed the conditioned label, and how much soft-label
+  mass sits on the judge's class.
 
 This scores whatever made the set (generator, semantic guidance, layout initialisation), so the cumulative ablation
 compares its rows here; the generator stage's own evaluation scores the generator alone on fixed conditions. The
@@ -103,10 +106,40 @@ def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
     return reference_faces(chosen)[0]
 
 
+def vote_quality(judge_pred: torch.Tensor, conditioned: torch.Tensor, final: torch.Tensor, kept: torch.Tensor,
+                 soft: Optional[torch.Tensor] = None, class_names: Optional[Sequence[str]] = None) -> dict:
+    """The vote's labels as a judge sees them, over the faces the vote kept (what students train on).
+
+    ``vote/judge_agrees``: the judge's argmax equals the vote's final label (overall and per conditioned class);
+    ``vote/keeps_condition``: final label = conditioned label; ``vote/changed/judge_agrees_vote`` and
+    ``.../judge_agrees_condition``: where the vote changed the label, whom the judge sides with;
+    ``vote/soft_mass_on_judge``: the mean soft-label probability of the judge's class (1 = a hard label the judge
+    agrees with). Fractions of an empty group are None.
+    """
+    def share(mask: torch.Tensor, among: torch.Tensor):
+        return (mask & among).sum().item() / among.sum().item() if among.any() else None
+
+    kept = kept.bool()
+    agrees = judge_pred == final
+    changed = kept & (final != conditioned)
+    out = {"vote/kept": kept.float().mean().item() if len(kept) else None,
+           "vote/judge_agrees": share(agrees, kept),
+           "vote/keeps_condition": share(final == conditioned, kept),
+           "vote/changed/judge_agrees_vote": share(agrees, changed),
+           "vote/changed/judge_agrees_condition": share(judge_pred == conditioned, changed)}
+    if soft is not None and kept.any():
+        out["vote/soft_mass_on_judge"] = soft[kept].gather(1, judge_pred[kept, None]).mean().item()
+    for c in conditioned.unique().tolist():
+        name = class_names[c] if class_names and c < len(class_names) else str(c)
+        out[f"vote/judge_agrees/{name}"] = share(agrees, kept & (conditioned == c))
+    return out
+
+
 def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int], real: Optional[torch.Tensor],
                  max_faces: Optional[int], seed: int, batch_size: int = 256, au_active_threshold: float = 1.0
                  ) -> dict:
     """The judge's scores of (a seeded subset of) ``dataset`` against its conditions + FID/KID against ``real``."""
+    from datamodules.labels import EXPRESSIONS
     from lightning_modules.generator.evaluation import (TeacherFeatures, distribution_metrics, fidelity_metrics,
                                                         teacher_scores)
 
@@ -115,6 +148,10 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
     probs, aus = teacher_scores(judge, images, judge_image_size, batch_size, need_aus=conds.has_aus)
     metrics = fidelity_metrics(probs, aus, conds, au_names, au_active_threshold)
     metrics["num_samples"] = len(conds)
+    if "final_label" in dataset.column_names:  # a relabelled set: are the labels students learn right?
+        votes = dataset.select(indices).select_columns(["final_label", "kept", "soft_label"])[:]
+        metrics.update(vote_quality(probs.argmax(-1), conds.labels, torch.tensor(votes["final_label"]),
+                                    torch.tensor(votes["kept"]), torch.tensor(votes["soft_label"]), EXPRESSIONS))
     if real is not None:
         size = images.shape[-1]
         real = torch.nn.functional.interpolate(real, size=(size, size), mode="bilinear", antialias=True)
