@@ -286,3 +286,35 @@ def test_reuse_across_file_systems_symlinks_with_one_warning(tmp_path, monkeypat
     assert runtime.path_fingerprint(target / "teacher.ckpt") == runtime.path_fingerprint(source / "teacher.ckpt")
     warnings = [r for r in caplog.records if "symlinks" in r.getMessage()]
     assert len(warnings) == 1 and "2 files" in warnings[0].getMessage(), caplog.text
+
+
+def test_a_finished_run_is_skipped_only_with_its_digest_and_metrics_and_without_force(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lightning_modules.run import runtime
+
+    cfg, forced = OmegaConf.create({}), OmegaConf.create({"force": True})
+    runtime.mark_done(tmp_path, "abc")
+    assert not runtime.finished_earlier(cfg, "ssl", tmp_path, "abc")  # no metrics.json: the run did not finish
+    (tmp_path / "metrics.json").write_text("{}")
+    assert runtime.finished_earlier(cfg, "ssl", tmp_path, "abc")
+    assert not runtime.finished_earlier(cfg, "ssl", tmp_path, "other config")
+    assert not runtime.finished_earlier(forced, "ssl", tmp_path, "abc")
+
+
+def test_log_scalars_sends_numbers_only_with_their_prefix():
+    class Recorder:
+        def __init__(self):
+            self.logged, self.saved = [], 0
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((metrics, step))
+
+        def save(self):
+            self.saved += 1
+
+    from lightning_modules.run import runtime
+
+    a, b = Recorder(), Recorder()
+    runtime.log_scalars([a, b], {"acc": 0.5, "n": 3, "ok": True, "name": "x", "none": None}, prefix="eval", step=7)
+    assert a.logged == b.logged == [({"eval/acc": 0.5, "eval/n": 3}, 7)] and a.saved == b.saved == 1

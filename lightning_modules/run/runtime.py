@@ -185,6 +185,23 @@ def is_done(out_dir: Path, digest: str) -> bool:
         return False
 
 
+def finished_earlier(cfg: DictConfig, name: str, out_dir: Path, digest: str) -> bool:
+    """Whether ``out_dir`` holds this config's finished run (its metrics included) and ``force`` is off; says so."""
+    if cfg.get("force", False) or not (is_done(out_dir, digest) and (out_dir / "metrics.json").is_file()):
+        return False
+    log.info("%s: finished earlier with this config in %s; skipped (force=true reruns it)", name, out_dir)
+    return True
+
+
+def log_scalars(loggers, metrics: dict, prefix: str = "", step: Optional[int] = None) -> None:
+    """The numbers of ``metrics`` (booleans, None and text left out) to every logger, ``prefix/`` before each key."""
+    scalars = {f"{prefix}/{k}" if prefix else k: v for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for lg in loggers:
+        lg.log_metrics(scalars, step=step)
+        lg.save()
+
+
 def mark_done(out_dir: Path, digest: str, **extra: Any) -> None:
     write_json_atomic(out_dir / DONE_MARKER, {"config_hash": digest, "finished": time.time(), **extra})
 

@@ -295,8 +295,7 @@ def _run_clip_stage(cfg: DictConfig) -> dict:
     name, force = str(cfg.clip.name), bool(cfg.get("force", False))
     out_dir = runtime.stage_dir(cfg, name)
     resume_digest, digest = digests(cfg)
-    if not force and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
-        log.info("%s: finished earlier with this config in %s; skipped (force=true reruns it)", name, out_dir)
+    if runtime.finished_earlier(cfg, name, out_dir, digest):
         return {"skipped": True}
     templates, words = prompts(cfg)
     spec = model_spec(cfg)
@@ -342,10 +341,7 @@ def _run_clip_stage(cfg: DictConfig) -> dict:
                        "max_steps": int(c.max_steps), "fit_seconds": fit_s, "checkpoint": str(out_dir / WEIGHTS),
                        "resumed_from": str(resume or ""), "world_size": trainer.world_size, "seed": int(c.seed),
                        "data": real.summary()}
-            flat = runtime.flatten("zeroshot", scores, {})
-            for logger in loggers:
-                logger.log_metrics(flat, step=int(trainer.global_step))
-                logger.save()
+            runtime.log_scalars(loggers, runtime.flatten("zeroshot", scores, {}), step=int(trainer.global_step))
     finally:
         runtime.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)

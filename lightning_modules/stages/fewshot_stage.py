@@ -269,8 +269,7 @@ def _run_fewshot_stage(cfg: DictConfig) -> dict:
     f = cfg.fewshot
     out_dir = runtime.stage_dir(cfg, STAGE)
     digest = done_digest(cfg)
-    if not cfg.get("force", False) and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
-        log.info("fewshot: already evaluated with this backbone and config (force=true reruns)")
+    if runtime.finished_earlier(cfg, STAGE, out_dir, digest):
         return {"skipped": True}
     if not runtime.is_rank_zero():  # one process evaluates; the episodes need no second one
         return {"evaluated_on_rank_zero": True}
@@ -309,9 +308,7 @@ def _run_fewshot_stage(cfg: DictConfig) -> dict:
                "prototype_metric": str(f.prototype.metric), "seed": int(f.seed)}
     loggers = runtime.build_loggers(cfg, out_dir, STAGE)
     try:
-        flat = runtime.flatten("", results, {})
-        for lg in loggers:
-            lg.log_metrics({f"fewshot/{k}": v for k, v in flat.items()})
+        runtime.log_scalars(loggers, runtime.flatten("", results, {}), prefix="fewshot")
         runtime.save_resolved_config(cfg, out_dir)
         (out_dir / "results.md").write_text(results_table(results, n_way, info, f, len(labels)))
         runtime.write_metrics(out_dir, metrics)

@@ -251,8 +251,7 @@ def _run_ssl_stage(cfg: DictConfig) -> dict:
     name, force = str(cfg.ssl.name), bool(cfg.get("force", False))
     out_dir = runtime.stage_dir(cfg, name)
     resume_digest, digest = digests(cfg)
-    if not force and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
-        log.info("%s: finished earlier with this config in %s; skipped (force=true reruns it)", name, out_dir)
+    if runtime.finished_earlier(cfg, name, out_dir, digest):
         return {"skipped": True}
     datamodule = build_ssl_datamodule(cfg)  # reads the real and synthetic train data
     L.seed_everything(int(cfg.ssl.seed), workers=True)
@@ -278,10 +277,7 @@ def _run_ssl_stage(cfg: DictConfig) -> dict:
                        "train_set_size": len(datamodule.train_dataset), "fit_seconds": fit_s,
                        "checkpoint": str(out_dir / WEIGHTS), "resumed_from": str(resume or ""),
                        "world_size": trainer.world_size, "seed": int(cfg.ssl.seed), "data": datamodule.summary()}
-            flat = runtime.flatten("probe", probes, {})
-            for logger in loggers:
-                logger.log_metrics(flat, step=int(trainer.global_step))
-                logger.save()
+            runtime.log_scalars(loggers, runtime.flatten("probe", probes, {}), step=int(trainer.global_step))
     finally:
         runtime.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)

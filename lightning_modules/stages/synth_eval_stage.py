@@ -173,8 +173,7 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
     dataset = load_synthetic(str(se.input))
     out_dir = runtime.stage_dir(cfg, STAGE)
     digest = done_digest(cfg)
-    if not cfg.get("force", False) and runtime.is_done(out_dir, digest) and (out_dir / "metrics.json").is_file():
-        log.info("synth_eval: %s is already evaluated with this judge and config", se.input)
+    if runtime.finished_earlier(cfg, STAGE, out_dir, digest):
         return {"skipped": True}
     if not runtime.is_rank_zero():  # one process scores the set; under DDP the pipeline's barrier waits for it
         return {"scored_on_rank_zero": True}
@@ -197,9 +196,7 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
              metrics["fer_acc"], f", FID {metrics['fid']:.1f}" if "fid" in metrics else "", path)
     loggers = runtime.build_loggers(cfg, out_dir, STAGE)
     try:
-        for lg in loggers:
-            lg.log_metrics({f"synth_eval/{k}": v for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        runtime.log_scalars(loggers, metrics, prefix="synth_eval")
     finally:
         runtime.finish_loggers(loggers)
     runtime.save_resolved_config(cfg, out_dir)
