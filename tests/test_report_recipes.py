@@ -130,7 +130,8 @@ def test_recipe_table_from_student_folders(tmp_path):
     run_report(_report_cfg(run, recipes))
     text = (run / "report" / "results.md").read_text()
     section = _section(text, "## Does it help? Recipes")
-    assert _rows(section) == [
+    by_acc, by_class = section.split("The same students by mean-class test accuracy", 1)
+    assert _rows(by_acc) == [
         "| recipe \\ synthetic faces | none | 1x | 5x |",
         "| real only | 0.6000 ± 0.0200 (n=3) | – | – |",
         # the sweep's concat twin of seed 0 (0.99) is left out: n counts distinct seeds
@@ -148,6 +149,16 @@ def test_recipe_table_from_student_folders(tmp_path):
     assert merged["recipes/real_only/0"] == pytest.approx(0.60)
     assert merged["recipes/pretrain/5"] == pytest.approx(0.66) and merged["recipes/concat/5"] == pytest.approx(0.61)
     assert merged["recipes/synthetic_only/1"] == pytest.approx(0.42) and "recipes/pretrain/3" not in merged
+    # the same students by mean-class accuracy (the fixtures write test acc - 0.05): same shape, same deltas
+    assert _rows(by_class) == [
+        "| recipe \\ synthetic faces | none | 1x | 5x |",
+        "| real only | 0.5500 ± 0.0200 (n=3) | – | – |",
+        "| concat | – | – | 0.5600 ± 0.0100 (n=3), Δ +1.0 |",
+        "| pretrain | – | 0.5800 ± 0.0200 (n=3), Δ +3.0 | 0.6100 ± 0.0200 (n=3), Δ +6.0 |",
+        "| synthetic only | – | 0.3700 ± 0.0200 (n=3), Δ -18.0 | – |"]
+    assert "Best cell (mean-class test accuracy): pretrain at 5x, +6.0 points" in by_class
+    assert merged["recipes/real_only/0/mean_class_acc"] == pytest.approx(0.55)
+    assert merged["recipes/pretrain/5/mean_class_acc"] == pytest.approx(0.61)
 
 
 def test_unequal_steps_between_cells_are_warned(tmp_path):
@@ -182,7 +193,7 @@ def test_old_style_config_in_the_table(tmp_path):
     _student(run, "student_cond", 0.55, {"mode": "concat", "scale": 3.0, "use_relabel": False}, 0)
     run_report(_report_cfg(run))
     rows = _rows(_section((run / "report" / "results.md").read_text(), "## Does it help? Recipes"))
-    assert rows[1:] == ["| real only | 0.6000 (n=1) | – |", "| conditioned | – | 0.5500 (n=1), Δ -5.0 |"]
+    assert rows[1:3] == ["| real only | 0.6000 (n=1) | – |", "| conditioned | – | 0.5500 (n=1), Δ -5.0 |"]
 
 
 def test_bad_recipe_value_names_the_student_config(tmp_path):
@@ -208,6 +219,7 @@ def test_table_without_real_only_and_across_experiments():
     assert any(line.startswith("No real-only student found") for line in lines)
     assert not any(line.startswith("Best cell") for line in lines)
     assert recipes_metrics(table) == {"recipes/x/pretrain/1": 0.5, "recipes/y/pretrain/all": 0.7}
+    assert not any("mean-class" in line for line in lines)  # runs without a mean-class accuracy: one table
 
 
 def test_wandb_rows_and_given_baseline():

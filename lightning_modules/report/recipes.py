@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence
 from lightning_modules.report.students import RunProtocol, mean_std, protocol_lines
 
 REAL_ONLY = "real_only"
+ACC, MEAN_CLASS_ACC = "acc", "mean_class_acc"
+METRIC_TITLES = {ACC: "test accuracy", MEAN_CLASS_ACC: "mean-class test accuracy"}
 SYNTHETIC_ONLY = "synthetic_only"
 # Recipes the plain scaling table already shows: a study of only these needs no recipe table.
 PLAIN = (REAL_ONLY, "concat", SYNTHETIC_ONLY)
@@ -100,6 +102,10 @@ class RecipeRun:
     acc: float
     protocol: RunProtocol = field(default_factory=RunProtocol)
     experiment: Optional[str] = None
+    mean_class_acc: Optional[float] = None  # every class weighs the same: the test set's class mix taken out
+
+    def value(self, metric: str) -> float:
+        return self.acc if metric == ACC else self.mean_class_acc
 
 
 Row = tuple[Optional[str], str]  # (experiment when the table holds several, recipe)
@@ -119,7 +125,14 @@ class RecipeTable:
 
     @property
     def baseline_mean(self) -> Optional[float]:
-        return statistics.fmean(r.acc for r in self.baseline) if self.baseline else None
+        return self.baseline_mean_of(ACC)
+
+    def baseline_mean_of(self, metric: str) -> Optional[float]:
+        return statistics.fmean(r.value(metric) for r in self.baseline) if self.baseline else None
+
+    @property
+    def has_mean_class_acc(self) -> bool:
+        return all(r.mean_class_acc is not None for r in self.runs())
 
     def label(self, row: Row) -> str:
         experiment, recipe = row
@@ -169,57 +182,62 @@ def _column(scale: Optional[float]) -> str:
     return "every kept face" if scale is None else f"{float(scale):g}x"
 
 
-def _stats(runs: Sequence[RecipeRun]) -> tuple[float, Optional[float]]:
-    accs = [r.acc for r in runs]
-    return statistics.fmean(accs), (statistics.stdev(accs) if len(accs) > 1 else None)
+def _stats(runs: Sequence[RecipeRun], metric: str = ACC) -> tuple[float, Optional[float]]:
+    values = [r.value(metric) for r in runs]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def delta_points(runs: Sequence[RecipeRun], table: RecipeTable) -> Optional[float]:
-    """Mean test accuracy of ``runs`` minus the real-only students', in points (None without real-only runs)."""
-    base = table.baseline_mean
-    return None if base is None or not runs else 100 * (_stats(runs)[0] - base)
+def delta_points(runs: Sequence[RecipeRun], table: RecipeTable, metric: str = ACC) -> Optional[float]:
+    """Mean ``metric`` of ``runs`` minus the real-only students', in points (None without real-only runs)."""
+    base = table.baseline_mean_of(metric)
+    return None if base is None or not runs else 100 * (_stats(runs, metric)[0] - base)
 
 
-def _cell(runs: Optional[Sequence[RecipeRun]], table: RecipeTable) -> str:
+def _cell(runs: Optional[Sequence[RecipeRun]], table: RecipeTable, metric: str = ACC) -> str:
     if not runs:
         return "–"
-    delta = delta_points(runs, table)
-    return mean_std([r.acc for r in runs]) + ("" if delta is None else f", Δ {delta:+.1f}")
+    delta = delta_points(runs, table, metric)
+    return mean_std([r.value(metric) for r in runs]) + ("" if delta is None else f", Δ {delta:+.1f}")
 
 
-def _best_line(table: RecipeTable) -> list[str]:
+def _best_line(table: RecipeTable, metric: str = ACC) -> list[str]:
     """The best cell against real only, and whether the gap exceeds both seed spreads added."""
     cells = [(row, s, runs) for row, c in table.rows.items() for s, runs in c.items()]
     if table.baseline_mean is None or not cells:
         return []
-    row, scale, runs = max(cells, key=lambda c: _stats(c[2])[0])
-    delta = delta_points(runs, table)
-    spread, base_spread = _stats(runs)[1], _stats(table.baseline)[1]
+    row, scale, runs = max(cells, key=lambda c: _stats(c[2], metric)[0])
+    delta = delta_points(runs, table, metric)
+    spread, base_spread = _stats(runs, metric)[1], _stats(table.baseline, metric)[1]
     if spread is None or base_spread is None:
         verdict = "one run on a side: the seed spread is not measured"
     else:
         beyond = abs(delta) > 100 * (spread + base_spread)
         verdict = (f"seed spread ± {100 * spread:.1f} and ± {100 * base_spread:.1f} points: "
                    f"{'beyond' if beyond else 'within'} the two spreads added")
-    return [f"Best cell: {table.label(row)} at {_column(scale)}, {delta:+.1f} points over real only ({verdict}).",
-            ""]
+    what = "" if metric == ACC else f" ({METRIC_TITLES[metric]})"
+    return [f"Best cell{what}: {table.label(row)} at {_column(scale)}, {delta:+.1f} points over real only "
+            f"({verdict}).", ""]
+
+
+def _metric_rows(table: RecipeTable, metric: str) -> list[str]:
+    scales = table.scales
+    lines = ["| recipe \\ synthetic faces | none | " + " | ".join(_column(s) for s in scales) + " |",
+             "|---" * (len(scales) + 2) + "|"]
+    if table.baseline:
+        lines.append(f"| {LABELS[REAL_ONLY]} | {mean_std([r.value(metric) for r in table.baseline])} | "
+                     + " | ".join("–" for _ in scales) + " |")
+    for row, cells in table.rows.items():
+        lines.append(f"| {table.label(row)} | – | "
+                     + " | ".join(_cell(cells.get(s), table, metric) for s in scales) + " |")
+    return lines + [""]
 
 
 def recipes_markdown(table: RecipeTable) -> list[str]:
     """Rows = real only, each recipe, synthetic only; columns = synthetic scale (× the real train set); cells = mean
     ± std (n) of the real test accuracy and Δ (points) to real only, whose one value stands in its own column (no
     synthetic faces: the scale does not apply). Then the legend, the best cell and the protocol line."""
-    scales = table.scales
     lines = ["## Does it help? Recipes (student test accuracy on real data; mean ± sample std over seeds, n; "
-             "Δ = points over real only)", "",
-             "| recipe \\ synthetic faces | none | " + " | ".join(_column(s) for s in scales) + " |",
-             "|---" * (len(scales) + 2) + "|"]
-    if table.baseline:
-        lines.append(f"| {LABELS[REAL_ONLY]} | {mean_std([r.acc for r in table.baseline])} | "
-                     + " | ".join("–" for _ in scales) + " |")
-    for row, cells in table.rows.items():
-        lines.append(f"| {table.label(row)} | – | " + " | ".join(_cell(cells.get(s), table) for s in scales) + " |")
-    lines.append("")
+             "Δ = points over real only)", "", *_metric_rows(table, ACC)]
     if table.multi_experiment and table.baseline:
         lines += ["Several experiments: every Δ is to the one real-only row (their real-only students pooled).", ""]
     if not table.baseline:
@@ -230,6 +248,11 @@ def recipes_markdown(table: RecipeTable) -> list[str]:
     if legend:
         lines += ["Recipes: " + "; ".join(legend) + ".", ""]
     lines += _best_line(table)
+    if table.has_mean_class_acc:  # a test set whose class mix the synthetic faces lack: accuracy alone misleads
+        lines += ["The same students by mean-class test accuracy (every expression weighs the same, so a student "
+                  "is not rewarded for following the test set's class mix; the synthetic faces' class mix is the "
+                  "plan's `synthesis.plan.class_distribution`):", "", *_metric_rows(table, MEAN_CLASS_ACC),
+                  *_best_line(table, MEAN_CLASS_ACC)]
     counts = [len(table.baseline)] * bool(table.baseline) + [len(runs) for c in table.rows.values()
                                                              for runs in c.values()]
     labelled = [(f"{LABELS.get(r.recipe, r.recipe)}" + ("" if r.recipe == REAL_ONLY else f" ×{fmt_scale(r.scale)}")
@@ -254,6 +277,12 @@ def recipes_metrics(table: RecipeTable) -> dict[str, float]:
     out = {} if table.baseline_mean is None else {f"recipes/{REAL_ONLY}/0": table.baseline_mean}
     for row, cells in table.rows.items():
         out.update({f"{_prefix(table, row)}/{fmt_scale(s)}": _stats(runs)[0] for s, runs in cells.items()})
+    if table.has_mean_class_acc:
+        if table.baseline:
+            out[f"recipes/{REAL_ONLY}/0/{MEAN_CLASS_ACC}"] = table.baseline_mean_of(MEAN_CLASS_ACC)
+        for row, cells in table.rows.items():
+            out.update({f"{_prefix(table, row)}/{fmt_scale(s)}/{MEAN_CLASS_ACC}": _stats(runs, MEAN_CLASS_ACC)[0]
+                        for s, runs in cells.items()})
     return out
 
 

@@ -123,8 +123,9 @@ def recipe_run(record: StudentRecord, config: Optional[dict], config_path: Path)
         raise ValueError(f"{config_path}: {err}") from err
     if record.extra_faces == SELF_TRAINING and recipe != REAL_ONLY:
         recipe = f"{recipe}/{SELF_TRAINING}"
+    mean_class = None if record.mean_class_acc is None else float(record.mean_class_acc)
     return RecipeRun(f"{record.job}/{record.stage}", recipe, record.scale, float(record.acc), record.protocol,
-                     record.experiment)
+                     record.experiment, mean_class)
 
 
 def read_job(job_dir: Path, name: str, missing_config: Optional[list[Path]] = None,
@@ -203,7 +204,7 @@ def baseline_runs(cfg: DictConfig, run_job: JobResult) -> Optional[list[StudentR
     runtime.require(metrics.get("test/acc") is not None, "report.baseline", f"{path} has no test/acc")
     config = read_config(path.parent)
     return [StudentRecord("baseline", path.parent.name, "real_only", 0.0, float(metrics["test/acc"]),
-                          protocol=run_protocol(metrics, config, path.parent.name))]
+                          metrics.get("test/mean_class_acc"), protocol=run_protocol(metrics, config, path.parent.name))]
 
 
 def _table(rows: dict[str, dict], columns: Sequence[str]) -> list[str]:
@@ -358,8 +359,8 @@ def run_report(cfg: DictConfig) -> dict:
     if needs_recipe_table([r.recipe.split("/")[0] for r in recipe_runs]):
         baseline = baseline_runs(cfg, run_job)
         recipes = recipe_table(recipe_runs, None if baseline is None else
-                               [RecipeRun(f"{r.job}/{r.stage}", REAL_ONLY, 0.0, r.acc, r.protocol, r.experiment)
-                                for r in baseline])
+                               [RecipeRun(f"{r.job}/{r.stage}", REAL_ONLY, 0.0, r.acc, r.protocol, r.experiment,
+                                          r.mean_class_acc) for r in baseline])
         sections += recipes_markdown(recipes)
         wandb_metrics = recipes_metrics(recipes)
         extra.update(wandb_metrics)
