@@ -12,9 +12,9 @@ from typing import Any, Optional, Sequence
 from lightning_modules.report.students import RunProtocol, mean_std, protocol_lines
 
 REAL_ONLY = "real_only"
-ACC, MEAN_CLASS_ACC = "acc", "mean_class_acc"
-METRIC_TITLES = {ACC: "test accuracy", MEAN_CLASS_ACC: "mean-class test accuracy"}
 SYNTHETIC_ONLY = "synthetic_only"
+ACC, MEAN_CLASS_ACC = "acc", "mean_class_acc"  # the two tables' metrics (RecipeRun.value)
+METRIC_TITLES = {ACC: "test accuracy", MEAN_CLASS_ACC: "mean-class test accuracy"}
 # Recipes the plain scaling table already shows: a study of only these needs no recipe table.
 PLAIN = (REAL_ONLY, "concat", SYNTHETIC_ONLY)
 # mix defaults of runs that predate a key: an older config reads as the recipe it trained.
@@ -235,7 +235,8 @@ def _metric_rows(table: RecipeTable, metric: str) -> list[str]:
 def recipes_markdown(table: RecipeTable) -> list[str]:
     """Rows = real only, each recipe, synthetic only; columns = synthetic scale (× the real train set); cells = mean
     ± std (n) of the real test accuracy and Δ (points) to real only, whose one value stands in its own column (no
-    synthetic faces: the scale does not apply). Then the legend, the best cell and the protocol line."""
+    synthetic faces: the scale does not apply). Then the legend, the best cell, the same table by mean-class
+    accuracy (when every run has one) and the protocol line."""
     lines = ["## Does it help? Recipes (student test accuracy on real data; mean ± sample std over seeds, n; "
              "Δ = points over real only)", "", *_metric_rows(table, ACC)]
     if table.multi_experiment and table.baseline:
