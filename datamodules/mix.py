@@ -250,7 +250,8 @@ class MixedFERDataModule(L.LightningDataModule):
         real_ds = real.datasets["train"]
         if with_soft and not real.soft_labels:
             # same records and shared load-failure flags, so unreadable faces still reach the data summary
-            real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment, real.color_mode),
+            real_ds = real_ds.variant(transform=train_transform(self.image_size, real.augment, real.color_mode,
+                                                                 real.train_resample_size),
                                       with_soft_labels=True)
         # Weights only where they change something: all-ones would change nothing but the float rounding.
         weighted = n_syn is not None and n_syn > 0 and self.synthetic_loss_weight != 1.0

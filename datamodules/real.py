@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from datamodules.batch import FERDataLoader, FERRecord, RecordDataset, collate_fer
 from datamodules.errors import DataError, DataFileNotFound
 from datamodules.labels import DISFA_AUS, class_names, in_protocol, parse_au_list
-from datamodules.transforms import AugmentConfig, check_color_mode, eval_transform, train_transform
+from datamodules.transforms import (AugmentConfig, check_color_mode, check_resample_size, eval_transform,
+                                   train_transform)
 
 SPLITS = ("train", "val", "test")
 # Skip reasons already warned about where they are counted (readers, verify_images, _drop_shared_files).
@@ -56,6 +57,7 @@ class RealFERDataModule(L.LightningDataModule):
         soft_labels: bool = False,
         verify_images: bool = False,
         color_mode: str = "rgb",            # rgb | gray: the colour every face reaches a model in
+        train_resample_size: Optional[int] = None,  # train faces shrunk to this size first (resolution studies)
     ):
         super().__init__()
         from datamodules.formats import READERS
@@ -88,6 +90,7 @@ class RealFERDataModule(L.LightningDataModule):
         if train_limit is not None and train_limit < 1:
             raise ValueError(f"data.train_limit must be >= 1 or null, got {train_limit}")
         self.color_mode = check_color_mode(color_mode)
+        self.train_resample_size = check_resample_size(train_resample_size)
         self.format, self.root, self.protocol = format, root, protocol
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -194,7 +197,7 @@ class RealFERDataModule(L.LightningDataModule):
         unwarned = {k: v for k, v in self.skipped.items() if k.split("/", 1)[1] not in READER_WARNED}
         if unwarned:
             warnings.warn(f"{self.format}: skipped samples: {unwarned}")
-        tf_train = train_transform(self.image_size, self.augment, self.color_mode)
+        tf_train = train_transform(self.image_size, self.augment, self.color_mode, self.train_resample_size)
         tf_eval = eval_transform(self.image_size, self.color_mode)
         common = dict(num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels)
         self.datasets = {"train": RecordDataset(train, tf_train, name=f"{self.format} train", **common),

@@ -72,8 +72,22 @@ def eval_transform(image_size: int, color_mode: str = "rgb") -> v2.Compose:
     return v2.Compose([*_color_steps(color_mode), v2.Resize((image_size, image_size), antialias=True), *_TO_SIGNED])
 
 
-def train_transform(image_size: int, augment: AugmentConfig, color_mode: str = "rgb") -> v2.Compose:
+def check_resample_size(size, key: str = "data.train_resample_size"):
+    """``size`` as an int in [8, 1024], or None; ValueError naming ``key``."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not (8 <= size <= 1024):
+        raise ValueError(f"{key} must be a size in pixels in [8, 1024] or null, got {size!r}")
+    return size
+
+
+def train_transform(image_size: int, augment: AugmentConfig, color_mode: str = "rgb",
+                    resample_size: int | None = None) -> v2.Compose:
+    """Train-time augmentation to ``image_size``. ``resample_size`` first shrinks every face to that many pixels,
+    so real faces reach the model with the detail of smaller ones (a 32 px generator's, upsampled like them)."""
     steps: list = _color_steps(color_mode)
+    if check_resample_size(resample_size) is not None:
+        steps.append(v2.Resize((resample_size, resample_size), antialias=True))
     if augment.crop_scale != (1.0, 1.0):
         steps.append(v2.RandomResizedCrop(image_size, scale=augment.crop_scale, ratio=(0.9, 1.1), antialias=True))
     else:

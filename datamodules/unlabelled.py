@@ -109,7 +109,8 @@ class GeneratorFERDataModule(RealFERDataModule):
         if extra or not self.expression_labels:
             self.records["train"] = labelled + extra
             self.datasets["train"] = RecordDataset(
-                self.records["train"], train_transform(self.image_size, self.augment, self.color_mode),
+                self.records["train"], train_transform(self.image_size, self.augment, self.color_mode,
+                                                        self.train_resample_size),
                 num_aus=len(self.vocab), num_classes=self.num_classes, with_soft_labels=self.soft_labels,
                 name=f"{self.format} train" + (" (+ unlabelled)" if extra else "")
                 + ("" if self.expression_labels else " (no expression labels)"))

@@ -64,6 +64,7 @@ def test_ablation_experiments_differ_from_their_base_only_in_their_switch(tmp_pa
     (["data.protocol=6"], "data.protocol"),
     (["data.val_fraction=1.5"], "data.val_fraction"),
     (["data.image_size=4"], "data.image_size"),
+    (["data.train_resample_size=4"], "data.train_resample_size"),
     (["data.augment.crop_scale=[0.9,0.5]"], "augment.crop_scale"),
     (["data.toy.label_noise=2.0"], "label_noise"),
     *[([f"teacher.name={stage}"], "teacher.name") for stage in ("annotate_aus", "pseudolabel")],
