@@ -52,12 +52,24 @@ def test_each_recipe_file_reads_back_as_its_name(tmp_path, name):
     ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "guide"}, "judge_filtered_by_guide"),
     ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "outputs/x/judge/judge.ckpt"}, "judge_filtered"),
     ({"mode": "concat", "synthetic_loss_weight": 0.5, "min_judge_confidence": 0.5}, "weighted_judge_filtered"),
+    ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "/weights/fer_teacher.ckpt"},
+     "judge_filtered_by_fer_teacher"),
     ({"mode": "concat", "class_balance": True, "kept_only": False}, "class_balanced_with_dropped"),
     ({"mode": "real_only", "vote_labels": "hard", "synthetic_loss_weight": 0.1}, "real_only"),
     ({"mode": "concat", "synthetic_loss_weight": None, "vote_labels": None}, "concat"),  # null reads as the default
 ])
 def test_recipe_of_older_and_other_configs(mix, name):
     assert recipe_of({} if mix is None else {"mix": mix}) == name
+
+
+@pytest.mark.parametrize("judge, name", [
+    ("separate", "judge_filtered"),
+    ("/o/toy_full/judge/judge.ckpt", "judge_filtered"),        # the experiment's own judge, as the sweep names it
+    ("/o/strong_judge/judge/judge.ckpt", "judge_filtered_by_strong_judge"),
+])
+def test_a_judge_filtered_recipe_names_a_judge_of_another_run(judge, name):
+    mix = {"mode": "concat", "min_judge_confidence": 0.5, "judge": judge}
+    assert recipe_of({"experiment_name": "toy_full", "mix": mix}) == name
 
 
 @pytest.mark.parametrize("mix, match", [

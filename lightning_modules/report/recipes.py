@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Optional, Sequence
 
 from lightning_modules.report.students import RunProtocol, mean_std, protocol_lines
@@ -49,6 +50,22 @@ def _valued(name: str, key: str, value: Any) -> str:
     return name if value == CANONICAL[name] else f"{name}{value:g}"
 
 
+def _judge_suffix(judge: Any, experiment: Optional[str]) -> str:
+    """How a judge-filtered recipe names its judge: nothing for the experiment's separate judge (``separate``, or
+    its ``<experiment>/judge/judge.ckpt`` as the recipes sweep passes it), ``_by_guide`` for the guiding classifier
+    (it favours the faces it guided), else ``_by_<its run folder>`` (``<run>/judge/judge.ckpt``) or
+    ``_by_<file stem>``: a judge trained on other data (e.g. a strong judge) is another recipe."""
+    if judge == "separate":
+        return ""
+    if judge == "guide":
+        return "_by_guide"
+    path = PurePath(str(judge))
+    run = path.parent.parent.name if path.parent.name == "judge" else ""
+    if run and (experiment is None or run == experiment):
+        return ""
+    return f"_by_{run or path.stem}"
+
+
 def recipe_of(config: Optional[dict]) -> str:
     """The recipe of a student from its resolved config (``mix.*``; missing keys read as today's defaults): the
     recipe file's name for the recipes of experiments/recipe/, else the parts joined by ``_`` (``pretrain0.3``,
@@ -75,9 +92,8 @@ def recipe_of(config: Optional[dict]) -> str:
     if _number("synthetic_loss_weight", get("synthetic_loss_weight")) != 1.0:
         parts.append(_valued("weighted", "synthetic_loss_weight", get("synthetic_loss_weight")))
     if get("min_judge_confidence") is not None:
-        # the guiding classifier as judge favours the faces it guided: another recipe than the separate judge
-        guide = "_by_guide" if get("judge") == "guide" else ""
-        parts.append(_valued("judge_filtered", "min_judge_confidence", get("min_judge_confidence")) + guide)
+        parts.append(_valued("judge_filtered", "min_judge_confidence", get("min_judge_confidence"))
+                     + _judge_suffix(get("judge"), (config or {}).get("experiment_name")))
     if get("class_balance"):
         parts.append("class_balanced")
     if not get("kept_only"):
