@@ -71,6 +71,10 @@ def test_stage_writes_metrics_names_its_judge_and_skips_when_done(tiny_cfg, tmp_
     assert saved["num_samples"] == metrics["num_samples"] == 12 and saved["set_size"] == 16
     assert saved["judge"] == str(untrained_teacher_ckpt) and saved["judge_also_guided"] is True
     assert "fid" in saved and saved["real_split"] == "test"
+    # coverage at equal numbers: 12 synthetic faces against halves of the tiny test split
+    m = saved["quality/faces_per_set"]
+    assert 3 < m <= 12 and {"quality/synthetic/precision", "quality/real/recall", "quality/real/fid",
+                            "quality/spread_ratio", "quality/synthetic/au_spread"} <= set(saved)
     assert train.run_stage(cfg) == {"skipped": True}
 
 
@@ -97,6 +101,8 @@ def test_a_judge_that_did_not_guide_is_named_so(tiny_cfg, tmp_path, untrained_te
     ("synth_eval.max_faces=1", ConfigError, "synth_eval.max_faces"),
     ("synth_eval.real_split=holdout", ConfigError, "synth_eval.real_split"),
     ("synth_eval.batch_size=0", ConfigError, "synth_eval.batch_size"),
+    ("synth_eval.quality_k=0", ConfigError, "synth_eval.quality_k"),
+    ("synth_eval.quality=maybe", ConfigError, "synth_eval.quality"),
     ("synth_eval.judge=/nowhere/judge.ckpt", ConfigError, "synth_eval.judge"),
     ("synth_eval.input=/nowhere/set", DataFileNotFound, "/nowhere/set"),
 ])
@@ -154,3 +160,40 @@ def test_a_relabelled_set_gets_the_votes_quality_and_a_plain_one_does_not(tmp_pa
     assert voted["vote/keeps_condition"] == pytest.approx(
         (final == conditioned)[torch.from_numpy(pick(12, 8, 0))].float().mean().item())
     assert voted["vote/soft_mass_on_judge"] == pytest.approx(voted["vote/judge_agrees"])  # hard labels
+
+
+# ------------------------------------------------------------------------------------------------ coverage
+def _labelled_faces(n=24):
+    from synthetic_fixtures import toy_faces
+    import torchvision.transforms.v2.functional as TF
+
+    records = toy_faces(n)
+    images = torch.stack([TF.to_dtype(TF.to_image(r.image), torch.float32, scale=True) for r in records])
+    return images, torch.tensor([r.label for r in records])
+
+
+def test_coverage_of_real_faces_against_real_faces_and_of_a_collapsed_set(judge):
+    from lightning_modules.stages.synth_eval_stage import coverage_metrics
+
+    real, labels = _labelled_faces(24)
+    with torch.no_grad():
+        same = coverage_metrics(judge, 32, real, labels, real, labels, seed=0, k=2)
+        collapsed = coverage_metrics(judge, 32, real[:1].repeat(24, 1, 1, 1), labels, real, labels, seed=0, k=2)
+    assert same["quality/faces_per_set"] == 12 and same["quality/k"] == 2
+    for key in ("precision", "recall", "fid", "spread", "au_spread"):
+        assert same[f"quality/synthetic/{key}"] is not None and same[f"quality/real/{key}"] is not None
+    # one face drawn for every condition: no within-class variety, a single point covering (almost) no real face
+    assert collapsed["quality/synthetic/spread"] == 0 and collapsed["quality/spread_ratio"] == 0
+    assert collapsed["quality/synthetic/au_spread"] == pytest.approx(0, abs=1e-6)
+    assert collapsed["quality/synthetic/recall"] <= 1 / 12 < collapsed["quality/real/recall"]
+    assert collapsed["quality/synthetic/fid"] > collapsed["quality/real/fid"]
+
+
+def test_coverage_with_too_few_faces_is_skipped_with_its_reason(judge, caplog):
+    from lightning_modules.stages.synth_eval_stage import coverage_metrics
+
+    real, labels = _labelled_faces(6)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        out = coverage_metrics(judge, 32, real, labels, real, labels, seed=0, k=3)
+    assert list(out) == ["quality/skipped"] and "quality_k=3" in out["quality/skipped"]
+    assert "skipped" in caplog.text

@@ -4,6 +4,8 @@ the set's faces against the conditions they were synthesized for:
 - FER-Acc: the judge's argmax equals the conditioned (target) expression, overall and per class;
 - AU fidelity (sets made with AU targets): per-AU Pearson r / MAE / AU-Acc of the judge's AU head vs the targets;
 - FID / KID against real faces of ``synth_eval.real_split`` in the judge's feature space;
+- coverage (``synth_eval.quality``): at equal numbers against half of those real faces, with their other half as
+  the yardstick: FID, k-NN precision / recall, within-class feature and AU spread (diversity);
 - on a relabelled set, how good the vote's labels are by the judge (``vote_quality``): does the judge agree with
   the label a student would learn, where the vote kept or changed the conditioned label, and how much soft-label
   mass sits on the judge's class.
@@ -41,6 +43,9 @@ def check_config(se: DictConfig) -> None:
             f"must be >= 1, got {se.batch_size!r}")
     require(float(se.au_active_threshold) >= 0, "synth_eval.au_active_threshold",
             f"must be >= 0, got {se.au_active_threshold}")
+    require(isinstance(se.quality, bool), "synth_eval.quality", f"must be true or false, got {se.quality!r}")
+    require(isinstance(se.quality_k, int) and not isinstance(se.quality_k, bool) and se.quality_k >= 1,
+            "synth_eval.quality_k", f"must be a neighbour count >= 1, got {se.quality_k!r}")
 
 
 def set_judge(cfg: DictConfig):
@@ -92,8 +97,9 @@ def synthetic_conditions(rows: dict, seed: int):
     return images, conds
 
 
-def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
-    """``n`` seeded real faces of ``split`` (labelled or not) in [0,1], one size: the FID/KID reference."""
+def real_faces(cfg: DictConfig, split: str, n: Optional[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (None: all) seeded real faces of ``split`` in [0,1], one size, and their labels (-1 unknown): the
+    FID/KID and coverage reference."""
     from lightning_modules.generator.evaluation import reference_faces
     from lightning_modules.stages.classifier_stage import build_datamodule
 
@@ -102,8 +108,8 @@ def real_faces(cfg: DictConfig, split: str, n: int, seed: int) -> torch.Tensor:
     records = datamodule.records[split]
     if len(records) < 2:
         raise ConfigError("synth_eval.real_split", f"the {split} split has {len(records)} face(s); FID/KID need >= 2")
-    chosen = [records[i] for i in pick(len(records), n, seed)]
-    return reference_faces(chosen)[0]
+    images, loaded = reference_faces([records[i] for i in pick(len(records), n, seed)])
+    return images, torch.tensor([r.label for r in loaded], dtype=torch.long)
 
 
 def vote_quality(judge_pred: torch.Tensor, conditioned: torch.Tensor, final: torch.Tensor, kept: torch.Tensor,
@@ -135,10 +141,67 @@ def vote_quality(judge_pred: torch.Tensor, conditioned: torch.Tensor, final: tor
     return out
 
 
+def coverage_metrics(judge, judge_image_size: int, synthetic: torch.Tensor, synthetic_labels: torch.Tensor,
+                     real: torch.Tensor, real_labels: torch.Tensor, seed: int, k: int = 3, batch_size: int = 256,
+                     class_names: Optional[Sequence[str]] = None) -> dict:
+    """The synthetic faces against real ones at equal numbers, with real faces as their own yardstick.
+
+    The real faces are split (seeded) into a reference half and a comparison half of m faces each, m = min(synthetic,
+    real // 2); the synthetic faces (m, seeded) and the comparison half are each scored against the reference half:
+    ``quality/<synthetic|real>/fid`` (FID at equal m: real-vs-real is the floor that m faces allow), ``.../precision``
+    and ``.../recall`` (k-NN manifolds), ``.../spread`` (mean within-class pairwise feature distance, synthetic faces
+    by conditioned class, real by label: diversity), ``.../au_spread`` (mean AU standard deviation within a class, by
+    the judge's AU head); ``quality/spread_ratio`` = synthetic / real spread, also per class."""
+    from lightning_modules.generator import feature_metrics as fm
+    from lightning_modules.generator.evaluation import TeacherFeatures, distribution_metrics, teacher_scores
+
+    m = min(len(synthetic), len(real) // 2)
+    if m <= k:
+        reason = (f"coverage needs more than synth_eval.quality_k={k} faces per set; {len(synthetic)} synthetic "
+                  f"and {len(real)} real faces give {m}")
+        log.warning("synth_eval: %s: skipped", reason)
+        return {"quality/skipped": reason}
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(real)))
+    ref, other = order[:m], order[m:2 * m]
+    chosen = torch.from_numpy(pick(len(synthetic), m, seed))
+    features = TeacherFeatures(judge, judge_image_size)
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features(images[s:s + batch_size]) for s in range(0, len(images), batch_size)])
+
+    reference = embed(real[ref])
+    sets = {"synthetic": (synthetic[chosen], synthetic_labels[chosen]), "real": (real[other], real_labels[other])}
+    num_classes = int(max(synthetic_labels.max(), real_labels.max())) + 1
+    out: dict = {"quality/faces_per_set": m, "quality/k": k}
+    spreads, au_spreads = {}, {}
+    for name, (images, labels) in sets.items():
+        feats = embed(images)
+        out.update({f"quality/{name}/{key}": value
+                    for key, value in fm.knn_precision_recall(reference, feats, k).items()})
+        out[f"quality/{name}/fid"] = distribution_metrics(features, images, real[ref], batch_size)["fid"]
+        spreads[name] = fm.class_spread(feats, labels, num_classes)
+        aus = teacher_scores(judge, images, judge_image_size, batch_size, need_aus=False)[1]
+        if aus is not None:
+            au_spreads[name] = fm.au_spread(aus, labels, num_classes)
+    for metric, per_set in (("spread", spreads), ("au_spread", au_spreads)):
+        if len(per_set) < 2:
+            continue
+        out[f"quality/synthetic/{metric}"], out[f"quality/real/{metric}"] = fm.mean_of_shared(per_set["synthetic"],
+                                                                                             per_set["real"])
+        for c in range(num_classes):
+            name = class_names[c] if class_names and c < len(class_names) else str(c)
+            syn, rl = per_set["synthetic"].get(c), per_set["real"].get(c)
+            out[f"quality/synthetic/{metric}/{name}"], out[f"quality/real/{metric}/{name}"] = syn, rl
+    syn_spread, real_spread = out.get("quality/synthetic/spread"), out.get("quality/real/spread")
+    out["quality/spread_ratio"] = syn_spread / real_spread if syn_spread is not None and real_spread else None
+    return out
+
+
 def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int], real: Optional[torch.Tensor],
-                 max_faces: Optional[int], seed: int, batch_size: int = 256, au_active_threshold: float = 1.0
-                 ) -> dict:
-    """The judge's scores of (a seeded subset of) ``dataset`` against its conditions + FID/KID against ``real``."""
+                 max_faces: Optional[int], seed: int, batch_size: int = 256, au_active_threshold: float = 1.0,
+                 real_labels: Optional[torch.Tensor] = None, quality_k: Optional[int] = None) -> dict:
+    """The judge's scores of (a seeded subset of) ``dataset`` against its conditions + FID/KID against ``real``
+    (None: no FID) + with ``quality_k`` the coverage metrics against ``real`` / ``real_labels``."""
     from datamodules.labels import EXPRESSIONS
     from lightning_modules.generator.evaluation import (TeacherFeatures, distribution_metrics, fidelity_metrics,
                                                         teacher_scores)
@@ -156,6 +219,9 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
         size = images.shape[-1]
         real = torch.nn.functional.interpolate(real, size=(size, size), mode="bilinear", antialias=True)
         metrics.update(distribution_metrics(TeacherFeatures(judge, judge_image_size), images, real, batch_size))
+        if quality_k is not None:
+            metrics.update(coverage_metrics(judge, judge_image_size, images, conds.labels, real, real_labels, seed,
+                                            quality_k, batch_size, EXPRESSIONS))
     return metrics
 
 
@@ -183,10 +249,11 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
         raise ConfigError("synth_eval.judge", f"{path} predicts {judge.hparams.num_aus} AUs, data.aus has "
                                               f"{len(vocab)}")
     n = len(pick(len(dataset), se.max_faces, int(se.seed)))
-    real = real_faces(cfg, str(se.real_split), n, int(se.seed)) if se.fid else None
+    real, real_labels = real_faces(cfg, str(se.real_split), n, int(se.seed)) if se.fid else (None, None)
     with torch.no_grad():
         metrics = evaluate_set(dataset, judge, int(cfg.data.image_size), list(vocab.aus), real, se.max_faces,
-                               int(se.seed), int(se.batch_size), float(se.au_active_threshold))
+                               int(se.seed), int(se.batch_size), float(se.au_active_threshold), real_labels,
+                               int(se.quality_k) if se.quality else None)
     metrics.update(judge_record(chosen, synthesis_guidance(cfg).enabled), input=str(se.input), set_size=len(dataset),
                    real_split=str(se.real_split) if se.fid else None)
     if metrics["judge_also_guided"]:
