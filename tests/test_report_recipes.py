@@ -49,10 +49,10 @@ def test_each_recipe_file_reads_back_as_its_name(tmp_path, name):
     ({"mode": "pretrain", "vote_labels": "hard"}, "pretrain_hard_labels"),
     ({"mode": "concat", "use_relabel": False, "vote_labels": "hard"}, "conditioned"),  # no vote: its labels unused
     ({"mode": "concat", "min_judge_confidence": 0.8}, "judge_filtered0.8"),
-    ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "guide"}, "judge_filtered_by_guide"),
-    ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "outputs/x/judge/judge.ckpt"}, "judge_filtered"),
-    ({"mode": "concat", "synthetic_loss_weight": 0.5, "min_judge_confidence": 0.5}, "weighted_judge_filtered"),
-    ({"mode": "concat", "min_judge_confidence": 0.5, "judge": "/weights/fer_teacher.ckpt"},
+    ({"mode": "concat", "min_judge_confidence": 0.3, "judge": "guide"}, "judge_filtered_by_guide"),
+    ({"mode": "concat", "min_judge_confidence": 0.3, "judge": "outputs/x/judge/judge.ckpt"}, "judge_filtered"),
+    ({"mode": "concat", "synthetic_loss_weight": 0.5, "min_judge_confidence": 0.5}, "weighted_judge_filtered0.5"),
+    ({"mode": "concat", "min_judge_confidence": 0.3, "judge": "/weights/fer_teacher.ckpt"},
      "judge_filtered_by_fer_teacher"),
     ({"mode": "concat", "class_balance": True, "kept_only": False}, "class_balanced_with_dropped"),
     ({"mode": "real_only", "vote_labels": "hard", "synthetic_loss_weight": 0.1}, "real_only"),
@@ -68,7 +68,7 @@ def test_recipe_of_older_and_other_configs(mix, name):
     ("/o/strong_judge/judge/judge.ckpt", "judge_filtered_by_strong_judge"),
 ])
 def test_a_judge_filtered_recipe_names_a_judge_of_another_run(judge, name):
-    mix = {"mode": "concat", "min_judge_confidence": 0.5, "judge": judge}
+    mix = {"mode": "concat", "min_judge_confidence": 0.3, "judge": judge}
     assert recipe_of({"experiment_name": "toy_full", "mix": mix}) == name
 
 

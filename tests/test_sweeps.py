@@ -68,6 +68,8 @@ def test_cumulative_rows_add_one_component_each():
 @pytest.mark.parametrize("name, hydra_sweep", [("scaling", "scaling"), ("ablation", "ablation"),
                                                ("cumulative_toy_full", "cumulative_toy_full"),
                                                ("recipes_toy_full", "recipes_toy_full"),
+                                               ("recipes_judge_filtered_toy_full",
+                                                "recipes_judge_filtered_toy_full"),
                                                ("ssl_sources", "ssl_sources"), ("clip_sources", "clip_sources"),
                                                ("fewshot_sources", "fewshot_sources")])
 def test_wandb_sweep_specs_match_the_hydra_sweeps(name, hydra_sweep):
@@ -94,12 +96,24 @@ def test_recipes_sweep_runs_each_recipe_at_three_scales_and_seeds():
     params = cfg.hydra.sweeper.params
     recipes = params["+recipe"].split(",")
     files = sorted(p.stem for p in (CONFIG_DIR / "recipe").glob("*.yaml"))
-    assert sorted(recipes) == [r for r in files if r != "real_only"]   # real only ignores the scale: not swept
+    # real only ignores the scale: not swept; judge_filtered keeps too few faces for 3x / 5x: its own sweep
+    assert sorted(recipes) == [r for r in files if r not in ("real_only", "judge_filtered")]
     assert params["mix.scale"] == "1,3,5" and params["student.seed"] == "0,1,2" and params["experiment"] == "toy_full"
     assert cfg.stage == "student" and cfg.logger.wandb.group == "toy_full-recipes"
     assert cfg.mix.judge == "outputs/toy_full/judge/judge.ckpt" and cfg.student.max_steps == 705
     # its own folder: report.dirs=[outputs/recipes] then holds no scaling-sweep students
     assert OmegaConf.to_container(cfg.hydra.sweep)["dir"].startswith("${output_root}/recipes/")
+
+
+def test_judge_filtered_sweep_is_the_recipes_sweep_at_1x():
+    recipes = _compose_with_hydra(["sweep=recipes_toy_full", "experiment=toy_full"])
+    cfg = _compose_with_hydra(["sweep=recipes_judge_filtered_toy_full", "experiment=toy_full"])
+    params = cfg.hydra.sweeper.params
+    assert params["+recipe"] == "judge_filtered" and str(params["mix.scale"]) == "1"
+    assert params["student.seed"] == "0,1,2" and params["experiment"] == "toy_full"
+    assert cfg.mix.judge == recipes.mix.judge and cfg.mix.synthetic == recipes.mix.synthetic
+    assert cfg.logger.wandb.group == recipes.logger.wandb.group and cfg.stage == "student"
+    assert OmegaConf.to_container(cfg.hydra.sweep)["dir"] == OmegaConf.to_container(recipes.hydra.sweep)["dir"]
 
 
 @pytest.mark.slow

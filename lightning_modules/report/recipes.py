@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {"mode": REAL_ONLY, "use_relabel": True, "vote_labels
                             "min_judge_confidence": None, "judge": "separate", "class_balance": False,
                             "kept_only": True, "synthetic_augment": None}
 # The value each recipe file uses for its switch; any other value is written into the name (ratio0.3).
-CANONICAL = {"ratio": 0.5, "pretrain": 0.5, "weighted": 0.5, "judge_filtered": 0.5}
+CANONICAL = {"ratio": 0.5, "pretrain": 0.5, "weighted": 0.5, "judge_filtered": 0.3}
 # Table order and what each recipe file trains (the legend under the table).
 DESCRIPTIONS = {
     REAL_ONLY: "the real train set alone",
@@ -33,7 +33,7 @@ DESCRIPTIONS = {
     "hard_labels": "concat with the vote's hard labels only",
     "ratio_weighted": "half real, half synthetic faces in every batch, synthetic loss weight 0.5",
     "pretrain": "synthetic faces for the first half of the steps, then real faces",
-    "judge_filtered": "concat with the synthetic faces the judge gives their label p >= 0.5",
+    "judge_filtered": "concat with the synthetic faces the judge gives their label p >= 0.3",
     SYNTHETIC_ONLY: "synthetic faces alone, vote soft labels",
 }
 LABELS = {REAL_ONLY: "real only", SYNTHETIC_ONLY: "synthetic only"}
