@@ -130,13 +130,13 @@ class EpochProbe(L.Callback):
 def with_trainer_callbacks(monkeypatch, *callbacks) -> None:
     """Every Trainer a stage builds gets ``callbacks`` on top of its own (resume, checkpoints); a second call in one
     test replaces the first one's callbacks."""
-    from lightning_modules.run import runtime
+    from lightning_modules.run import trainer_setup
 
-    build = getattr(runtime.build_trainer, "unpatched", runtime.build_trainer)
+    build = getattr(trainer_setup.build_trainer, "unpatched", trainer_setup.build_trainer)
 
     def patched(*args, **kwargs):
         kwargs["extra_callbacks"] = [*kwargs.get("extra_callbacks", []), *callbacks]
         return build(*args, **kwargs)
 
     patched.unpatched = build
-    monkeypatch.setattr(runtime, "build_trainer", patched)
+    monkeypatch.setattr(trainer_setup, "build_trainer", patched)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.run import lineage, runtime
+from lightning_modules.run import lineage, runtime, trainer_setup
 from lightning_modules.run.lineage import StageWandbLogger
 
 WANDB = ("logger=default",)  # CSV + wandb offline
@@ -211,27 +211,28 @@ def test_build_loggers_resumes_the_stage_run_and_checks_the_switch(tiny_cfg, tmp
     cfg = tiny_cfg("stage=teacher", *WANDB)
     ids = []
     for _ in range(2):
-        (wb,) = [lg for lg in runtime.build_loggers(cfg, out, "teacher") if isinstance(lg, StageWandbLogger)]
+        (wb,) = [lg for lg in trainer_setup.build_loggers(cfg, out, "teacher")
+                 if isinstance(lg, StageWandbLogger)]
         ids.append(wb._wandb_init["id"])
         assert wb._wandb_init["resume"] == "allow" and wb.artifacts is True
     assert ids[0] == ids[1] == json.loads((out / lineage.RUN_ID_FILE).read_text())["id"]
-    (wb,) = [lg for lg in runtime.build_loggers(tiny_cfg(*WANDB, "logger.wandb.artifacts=false"), out, "teacher")
-             if isinstance(lg, StageWandbLogger)]
+    (wb,) = [lg for lg in trainer_setup.build_loggers(tiny_cfg(*WANDB, "logger.wandb.artifacts=false"), out,
+                                                      "teacher") if isinstance(lg, StageWandbLogger)]
     assert wb.artifacts is False
     with pytest.raises(runtime.ConfigError, match="logger.wandb.artifacts"):
-        runtime.build_loggers(tiny_cfg(*WANDB, "logger.wandb.artifacts=sometimes"), out, "teacher")
-    assert not any(isinstance(lg, StageWandbLogger) for lg in runtime.build_loggers(tiny_cfg(), out, "teacher"))
+        trainer_setup.build_loggers(tiny_cfg(*WANDB, "logger.wandb.artifacts=sometimes"), out, "teacher")
+    assert not any(isinstance(lg, StageWandbLogger) for lg in trainer_setup.build_loggers(tiny_cfg(), out, "teacher"))
 
 
 def _offline_stage_run(cfg, out: Path, stage: str, fail: bool = False) -> Path:
-    loggers = runtime.build_loggers(cfg, out, stage)
+    loggers = trainer_setup.build_loggers(cfg, out, stage)
     try:
         for lg in loggers:
             lg.log_metrics({"x": 1.0})
         if fail:
             raise RuntimeError("killed")
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     return offline_runs(out)[-1]
 
 

@@ -44,7 +44,7 @@ class Protocol:
     seed: int
 
     def trainer_args(self, accumulate: int = 1) -> tuple[int, dict[str, Any], list]:
-        """(max_epochs, Trainer overrides, extra callbacks) for ``runtime.build_trainer``."""
+        """(max_epochs, Trainer overrides, extra callbacks) for ``trainer_setup.build_trainer``."""
         from lightning.pytorch.callbacks import EarlyStopping
 
         overrides: dict[str, Any] = {}

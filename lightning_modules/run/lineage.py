@@ -234,7 +234,7 @@ def wandb_run_id(cfg: DictConfig, out_dir: Path) -> str:
 
 
 class StageWandbLogger(WandbLogger):
-    """Lightning's WandbLogger that knows its stage, so ``runtime.finish_loggers`` can record the lineage."""
+    """Lightning's WandbLogger that knows its stage, so ``trainer_setup.finish_loggers`` can record the lineage."""
 
     def __init__(self, cfg: DictConfig, stage: str, out_dir: Path, artifacts: bool, **kwargs: Any):
         super().__init__(**kwargs)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datamodules.errors import DataError
 from lightning_modules.paradigms.student import (optimizer_steps_per_epoch, pretrain_phase_callback, read_protocol,
                                                  student_group)
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import require
 
 # Config subtrees a classifier stage depends on: a change in any of them invalidates its outputs.
@@ -287,7 +287,7 @@ def _run_classifier_stage(cfg: DictConfig, role: str) -> dict:
     max_epochs, overrides, callbacks = protocol.trainer_args(accumulate)
     if role == "student" and protocol.patience and datamodule.mode == "pretrain":
         callbacks.append(pretrain_phase_callback())  # the synthetic phase cannot end the run early
-    trainer, loggers = runtime.build_trainer(cfg, out_dir, name, max_epochs,
+    trainer, loggers = trainer_setup.build_trainer(cfg, out_dir, name, max_epochs,
                                              extra_callbacks=[*callbacks, ExactResume()],
                                              checkpoint_every_n_steps=cfg[role].get("checkpoint_every_n_steps"),
                                              **extra, **overrides)
@@ -312,7 +312,7 @@ def _run_classifier_stage(cfg: DictConfig, role: str) -> dict:
         if best and trainer.is_global_zero:  # before finish_loggers, which logs it as a wandb artifact
             runtime.export_weights(Path(best), out_dir / f"{name}.ckpt")
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     metrics = {}
     if trainer.is_global_zero:
         metrics = {**(test[0] if test else {}), "fit_seconds": fit_s,

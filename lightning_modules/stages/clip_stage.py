@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamodules.errors import DataError
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ def _run_clip_stage(cfg: DictConfig) -> dict:
     per_rank, key = batch_size(cfg)
     train_loader = FERDataLoader(pairs, batch_size=per_rank, shuffle=True, drop_last=True,
                                  num_workers=real.num_workers, collate_fn=collate_fer)
-    trainer, loggers = runtime.build_trainer(
+    trainer, loggers = trainer_setup.build_trainer(
         cfg, out_dir, name, max_epochs=-1, monitor=None, extra_callbacks=[ExactResume()],
         checkpoint_every_n_steps=int(c.checkpoint_every_n_steps), max_steps=int(c.max_steps),
         limit_val_batches=0, num_sanity_val_steps=0)
@@ -343,6 +343,6 @@ def _run_clip_stage(cfg: DictConfig) -> dict:
                        "data": real.summary()}
             runtime.log_scalars(loggers, runtime.flatten("zeroshot", scores, {}), step=int(trainer.global_step))
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)
     return metrics

@@ -21,7 +21,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.paradigms import fewshot as fs
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 STAGE = "fewshot"
@@ -306,7 +306,7 @@ def _run_fewshot_stage(cfg: DictConfig) -> dict:
                "skipped_classes": {f"{k}shot": s for k, s in skipped.items() if s},
                "class_counts": {datamodule.class_names[c]: n for c, n in fs.class_counts(labels).items()},
                "prototype_metric": str(f.prototype.metric), "seed": int(f.seed)}
-    loggers = runtime.build_loggers(cfg, out_dir, STAGE)
+    loggers = trainer_setup.build_loggers(cfg, out_dir, STAGE)
     try:
         runtime.log_scalars(loggers, runtime.flatten("", results, {}), prefix="fewshot")
         runtime.save_resolved_config(cfg, out_dir)
@@ -314,5 +314,5 @@ def _run_fewshot_stage(cfg: DictConfig) -> dict:
         runtime.write_metrics(out_dir, metrics)
         runtime.mark_done(out_dir, digest)
     finally:  # after the outputs: the wandb run records them
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     return metrics

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_modules.guidance.settings import load_guide, semantic_guidance
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
                                                  len(datamodule.vocab), model.captioner),
                                  out_dir / "grids", int(gen.grids.every_n_steps), int(gen.grids.seeds),
                                  list(gen.grids.au_levels))
-    trainer, loggers = runtime.build_trainer(
+    trainer, loggers = trainer_setup.build_trainer(
         cfg, out_dir, "generator", int(gen.max_epochs), monitor=None, extra_callbacks=[grids],
         checkpoint_every_n_steps=int(gen.checkpoint_every_n_steps), max_steps=int(gen.max_steps),
         check_val_every_n_epoch=int(gen.val_every_n_epochs), **phase_args)
@@ -208,7 +208,7 @@ def run_generator_stage(cfg: DictConfig) -> dict:
             if gen.eval.enabled:
                 metrics["eval"] = evaluate_with_teacher(cfg, model, datamodule, out_dir, loggers)
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)
     return metrics
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import require
 from lightning_modules.stages import relabel_stage
 
@@ -88,10 +88,10 @@ def run_pseudolabel_stage(cfg: DictConfig) -> dict:
     loader = DataLoader(dataset, batch_size=int(pl.batch_size), shuffle=False, num_workers=int(pl.num_workers),
                         collate_fn=collate_fer)
     pred_dir = out_dir / "predictions"
-    loggers = runtime.build_loggers(cfg, out_dir, "pseudolabel")
+    loggers = trainer_setup.build_loggers(cfg, out_dir, "pseudolabel")
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
-    trainer = runtime.make_trainer(default_root_dir=str(out_dir), logger=loggers or False,
+    trainer = trainer_setup.make_trainer(default_root_dir=str(out_dir), logger=loggers or False,
                                    callbacks=[relabel_stage.RankPredictionWriter(pred_dir)], **trainer_args)
     runtime.clear_stage(out_dir, ["predictions", "dataset", "data_card.json"])
     runtime.save_resolved_config(cfg, out_dir)
@@ -122,7 +122,7 @@ def run_pseudolabel_stage(cfg: DictConfig) -> dict:
             for lg in loggers:
                 lg.log_metrics({f"pseudolabel/{k}": v for k, v in card.items() if isinstance(v, (int, float))})
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, done_digest(cfg))
     return metrics
 

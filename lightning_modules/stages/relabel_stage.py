@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.errors import DataError
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 HASH_KEYS = ["relabel", "trainer", "seed"]
@@ -224,10 +224,10 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                                             kept_only=False, color_mode=str(cfg.data.get("color_mode", "rgb"))),
                         batch_size=int(rl.batch_size), shuffle=False, num_workers=int(rl.num_workers))
     pred_dir = out_dir / "predictions"
-    loggers = runtime.build_loggers(cfg, out_dir, "relabel")
+    loggers = trainer_setup.build_loggers(cfg, out_dir, "relabel")
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args.pop("max_steps", None)
-    trainer = runtime.make_trainer(default_root_dir=str(out_dir), logger=loggers or False,
+    trainer = trainer_setup.make_trainer(default_root_dir=str(out_dir), logger=loggers or False,
                                    callbacks=[RankPredictionWriter(pred_dir)], **trainer_args)
     # only now, with inputs, voters and Trainer in hand, the earlier run's outputs go (a rank file of an earlier
     # run must never be merged, its relabelled set never read as this run's)
@@ -263,6 +263,6 @@ def run_relabel_stage(cfg: DictConfig) -> dict:
                 lg.log_metrics(card_metrics(card))
             log_sample_table(loggers, relabelled, class_names, int(rl.log_samples))
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, done_digest(cfg))
     return metrics

@@ -28,7 +28,7 @@ from lightning_modules.report.recipes import (REAL_ONLY, WANDB_COLUMNS, RecipeRu
 from lightning_modules.report.ssl import ssl_markdown, ssl_metrics, ssl_run
 from lightning_modules.report.students import (PROTOCOL_COLUMNS, group_of, group_students, protocol_of, run_protocol,
                                                select, students_markdown)
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 
 HEADLINE = ("test/acc", "test/mean_class_acc", "test/macro_f1", "test/au_mae", "best_val_acc", "fit_seconds",
             "data/train_size")
@@ -317,14 +317,14 @@ def log_to_wandb(cfg: DictConfig, out_dir: Path, tables: dict[str, tuple[list[st
 
     if not OmegaConf.select(cfg, "logger.wandb.enabled", default=False):
         return
-    loggers = [lg for lg in runtime.build_loggers(cfg, out_dir, "report") if isinstance(lg, WandbLogger)]
+    loggers = [lg for lg in trainer_setup.build_loggers(cfg, out_dir, "report") if isinstance(lg, WandbLogger)]
     try:
         for lg in loggers:
             for name, (columns, rows) in tables.items():
                 lg.log_table(name, columns=columns, data=rows)
             lg.log_metrics(metrics)
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
 
 
 def run_report(cfg: DictConfig) -> dict:

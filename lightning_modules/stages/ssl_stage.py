@@ -27,7 +27,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def _run_ssl_stage(cfg: DictConfig) -> dict:
     L.seed_everything(int(cfg.ssl.seed), workers=True)
     model = build_model(cfg)
     initial = untrained_backbone(cfg, model) if cfg.ssl.probe.get("baseline_random", True) else None
-    trainer, loggers = runtime.build_trainer(
+    trainer, loggers = trainer_setup.build_trainer(
         cfg, out_dir, name, max_epochs=-1, monitor=None, extra_callbacks=[ExactResume()],
         checkpoint_every_n_steps=int(cfg.ssl.checkpoint_every_n_steps), max_steps=int(cfg.ssl.max_steps),
         use_distributed_sampler=False,  # the mixed datamodule deals each rank its own faces
@@ -279,6 +279,6 @@ def _run_ssl_stage(cfg: DictConfig) -> dict:
                        "world_size": trainer.world_size, "seed": int(cfg.ssl.seed), "data": datamodule.summary()}
             runtime.log_scalars(loggers, runtime.flatten("probe", probes, {}), step=int(trainer.global_step))
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, digest)
     return metrics

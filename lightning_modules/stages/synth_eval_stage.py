@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 
 STAGE = "synth_eval"
@@ -261,11 +261,11 @@ def run_synth_eval_stage(cfg: DictConfig) -> dict:
                     "faces (name a judge that did not guide: synth_eval.judge)", path)
     log.info("synth_eval: %d faces of %s: FER-Acc %.3f%s (judge %s)", metrics["num_samples"], se.input,
              metrics["fer_acc"], f", FID {metrics['fid']:.1f}" if "fid" in metrics else "", path)
-    loggers = runtime.build_loggers(cfg, out_dir, STAGE)
+    loggers = trainer_setup.build_loggers(cfg, out_dir, STAGE)
     try:
         runtime.log_scalars(loggers, metrics, prefix="synth_eval")
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.save_resolved_config(cfg, out_dir)
     runtime.write_metrics(out_dir, metrics)
     runtime.mark_done(out_dir, digest)

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.run import runtime
+from lightning_modules.run import runtime, trainer_setup
 from lightning_modules.run.runtime import ConfigError, require
 from lightning_modules.synthesis.output_set import finalize, prepare_output, set_damage
 
@@ -236,8 +236,8 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
     trainer_args.pop("max_steps", None)
     trainer_args.update(use_distributed_sampler=False, enable_progress_bar=False,
                         inference_mode=not guidance.enabled)  # SG differentiates through the sampler
-    loggers = runtime.build_loggers(cfg, out_dir, "synthesize")
-    trainer = runtime.make_trainer(default_root_dir=str(out_dir), logger=loggers or False, callbacks=[writer],
+    loggers = trainer_setup.build_loggers(cfg, out_dir, "synthesize")
+    trainer = trainer_setup.make_trainer(default_root_dir=str(out_dir), logger=loggers or False, callbacks=[writer],
                                    **trainer_args)
 
     finished, dropped = 0, []
@@ -265,7 +265,7 @@ def run_synthesize_stage(cfg: DictConfig, checked: Optional[tuple] = None) -> di
             for lg in loggers:
                 lg.log_metrics({f"synthesize/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     finally:
-        runtime.finish_loggers(loggers)
+        trainer_setup.finish_loggers(loggers)
     runtime.record_stage(trainer, out_dir, metrics, fingerprint)
     return metrics
 
