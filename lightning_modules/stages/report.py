@@ -5,7 +5,7 @@ generator grids, and one flat metrics.json (``<stage>/<metric>``, ``scaling/...`
 recipes beyond plain real / concat / synthetic-only scaling get the "does it help?" recipe table (``recipes/...``),
 also logged to wandb as a table when the logger has wandb on.
 
-File discovery lives here; the tables and plots are pure functions in lightning_modules/report/plots.py."""
+File discovery lives here; the tables and plots are pure functions in lightning_modules/report/ (plots, ablation, recipes, ...)."""
 from __future__ import annotations
 
 import json
@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_modules.report.plots import (SELF_TRAINING, JobResult, StudentRecord, ablation_markdown,
-                                            ablation_metrics, ablation_rows, classifier_notes, fmt, is_ablation,
-                                            natural_key, plot_ablation, plot_scaling, save_synthetic_samples,
-                                            scaling_markdown, scaling_metrics, scaling_table, switches_of)
+from lightning_modules.report.ablation import (ablation_markdown, ablation_metrics, ablation_rows, is_ablation,
+                                               plot_ablation, switches_of)
+from lightning_modules.report.plots import (SELF_TRAINING, JobResult, StudentRecord, classifier_notes, fmt, natural_key,
+                                            plot_scaling, save_synthetic_samples, scaling_markdown, scaling_metrics,
+                                            scaling_table)
 from lightning_modules.report.clip import clip_markdown, clip_metrics, clip_run
 from lightning_modules.report.fewshot import fewshot_markdown, fewshot_metrics, fewshot_run
 from lightning_modules.report.recipes import (REAL_ONLY, WANDB_COLUMNS, RecipeRun, needs_recipe_table, recipe_of,
