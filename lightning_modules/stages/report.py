@@ -5,7 +5,8 @@ generator grids, and one flat metrics.json (``<stage>/<metric>``, ``scaling/...`
 recipes beyond plain real / concat / synthetic-only scaling get the "does it help?" recipe table (``recipes/...``),
 also logged to wandb as a table when the logger has wandb on.
 
-File discovery lives here; the tables and plots are pure functions in lightning_modules/report/ (plots, ablation, recipes, ...)."""
+File discovery lives here; the tables and plots are pure functions in lightning_modules/report/ (plots, ablation,
+recipes, ...)."""
 from __future__ import annotations
 
 import json
