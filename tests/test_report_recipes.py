@@ -72,6 +72,21 @@ def test_a_judge_filtered_recipe_names_a_judge_of_another_run(judge, name):
     assert recipe_of({"experiment_name": "toy_full", "mix": mix}) == name
 
 
+@pytest.mark.parametrize("recipe, text", [
+    ("pretrain", "synthetic faces for the first half of the steps, then real faces"),
+    ("judge_filtered", "concat with the synthetic faces the judge gives their label p >= 0.3"),
+    ("judge_filtered0.5", "concat with the synthetic faces the judge gives their label p >= 0.5"),
+    ("judge_filtered_by_strong_judge",
+     "concat with the synthetic faces the judge strong_judge gives their label p >= 0.3"),
+    ("judge_filtered0.8_by_guide", "concat with the synthetic faces the guiding classifier gives their label p >= 0.8"),
+    ("ratio0.25_weighted", None),
+])
+def test_legend_describes_file_recipes_and_judge_filters(recipe, text):
+    from lightning_modules.report.recipes import describe
+
+    assert describe(recipe) == text
+
+
 @pytest.mark.parametrize("mix, match", [
     ({"mode": "ratio", "ratio": "half"}, "mix.ratio must be a number, got 'half'"),
     ({"mode": "concat", "synthetic_loss_weight": True}, "mix.synthetic_loss_weight must be a number"),

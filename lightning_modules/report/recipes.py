@@ -4,6 +4,7 @@ seeds (n) and the difference to the real-only students; the students' protocol l
 flat metrics and wandb table rows. Pure functions; ``stage=report`` finds the runs."""
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -101,6 +102,19 @@ def recipe_of(config: Optional[dict]) -> str:
     if get("synthetic_augment") is not None:
         parts.append("synthetic_augment")
     return "_".join(parts) or "concat"
+
+
+def describe(recipe: str) -> Optional[str]:
+    """The legend entry of a recipe: its file's description, or for a judge-filtered recipe with another threshold or
+    judge, the same built from its name (``judge_filtered0.5_by_strong_judge``); None for other composed names."""
+    if recipe in DESCRIPTIONS:
+        return DESCRIPTIONS[recipe]
+    found = re.fullmatch(r"judge_filtered(\d*\.?\d+)?(?:_by_(.+))?", recipe)
+    if not found:
+        return None
+    threshold, judge = found.group(1) or f"{CANONICAL['judge_filtered']:g}", found.group(2)
+    by = "the guiding classifier" if judge == "guide" else (f"the judge {judge}" if judge else "the judge")
+    return f"concat with the synthetic faces {by} gives their label p >= {threshold}"
 
 
 def needs_recipe_table(recipes: Sequence[str]) -> bool:
@@ -261,7 +275,7 @@ def recipes_markdown(table: RecipeTable) -> list[str]:
         lines += ["No real-only student found: no differences (train one: `stage=student +recipe=real_only`, or "
                   "give report.baseline).", ""]
     recipes = [REAL_ONLY] * bool(table.baseline) + [recipe for _, recipe in table.rows]
-    legend = [f"{r} = {DESCRIPTIONS[r]}" for r in dict.fromkeys(recipes) if r in DESCRIPTIONS]
+    legend = [f"{r} = {describe(r)}" for r in dict.fromkeys(recipes) if describe(r)]
     if legend:
         lines += ["Recipes: " + "; ".join(legend) + ".", ""]
     lines += _best_line(table)
