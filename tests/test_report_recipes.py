@@ -98,7 +98,7 @@ def test_recipe_of_bad_values_name_the_key(mix, match):
 
 
 # ------------------------------------------------------------------ student folders as stage=student writes them
-def _student(job, stage, acc, mix, seed, steps=705, experiment="toy_full"):
+def _student(job, stage, acc, mix, seed, steps=705, experiment="toy_full", resample=None):
     """metrics.json (test metrics, datamodule summary, protocol keys) + the resolved config.yaml of one student."""
     mode = mix["mode"]
     (job / stage).mkdir(parents=True)
@@ -108,7 +108,7 @@ def _student(job, stage, acc, mix, seed, steps=705, experiment="toy_full"):
         "train_batches_per_epoch": 47, "train_set_size": 3000, "max_steps": steps, "max_epochs": 15,
         "early_stopping_patience": None, "stopped_early": False, "seed": seed,
         "student_group": stage.rsplit("_seed", 1)[0], "data/test_size": 400}))
-    config = {"experiment_name": experiment, "seed": 0, "data": {"batch_size": 64},
+    config = {"experiment_name": experiment, "seed": 0, "data": {"batch_size": 64, "train_resample_size": resample},
               "student": {"name": stage, "seed": seed, "max_steps": steps}, "mix": {"scale": 1.0, **mix}}
     (job / stage / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -186,6 +186,38 @@ def test_recipe_table_from_student_folders(tmp_path):
     assert "Best cell (mean-class test accuracy): pretrain at 5x, +6.0 points" in by_class
     assert merged["recipes/real_only/0/mean_class_acc"] == pytest.approx(0.55)
     assert merged["recipes/pretrain/5/mean_class_acc"] == pytest.approx(0.61)
+
+
+def test_students_on_shrunk_real_faces_are_a_row_of_their_own(tmp_path):
+    """A real-only student on real faces shrunk to 32 px (data.train_resample_size) is the resolution diagnosis: its
+    own row in the "none" column with its difference to real only; never part of the real-only baseline nor of the
+    scaling table, even from the experiment's run folder; not a candidate for the best recipe."""
+    from lightning_modules.stages.report import run_report
+
+    run, recipes = _study(tmp_path)
+    for seed, acc in enumerate([0.50, 0.52, 0.54]):
+        _student(run if seed == 0 else recipes / "small" / str(seed), f"student_small{seed}", acc,
+                 {"mode": "real_only", "scale": 5.0}, seed, resample=32)
+    run_report(_report_cfg(run, recipes))
+    text = (run / "report" / "results.md").read_text()
+    section = _section(text, "## Does it help? Recipes")
+    rows = _rows(section.split("The same students by mean-class test accuracy", 1)[0])
+    assert rows[:3] == ["| recipe \\ synthetic faces | none | 1x | 5x |",
+                        "| real only | 0.6000 ± 0.0200 (n=3) | – | – |",
+                        "| real_only_train32px | 0.5200 ± 0.0200 (n=3), Δ -8.0 | – | – |"]
+    assert "real_only_train32px = the real train set alone, real train faces shrunk to 32 px first" in section
+    assert "Best cell: pretrain at 5x" in section
+    merged = json.loads((run / "report" / "metrics.json").read_text())
+    assert merged["recipes/real_only/0"] == pytest.approx(0.60)
+    assert merged["recipes/real_only_train32px/0"] == pytest.approx(0.52)
+    scaling = _section(text, "## Scaling")
+    assert "student_small" not in scaling and merged["scaling/real_only/0"] == pytest.approx(0.60)
+
+
+def test_recipe_of_names_shrunk_real_faces():
+    assert recipe_of({"data": {"train_resample_size": 32}, "mix": {"mode": "real_only"}}) == "real_only_train32px"
+    assert recipe_of({"data": {"train_resample_size": 24}, "mix": {"mode": "concat"}}) == "concat_train24px"
+    assert recipe_of({"data": {"train_resample_size": None}, "mix": {"mode": "concat"}}) == "concat"
 
 
 def test_unequal_steps_between_cells_are_warned(tmp_path):

@@ -57,6 +57,7 @@ class StudentRecord:
     switches: dict[str, Any] = field(default_factory=dict)
     protocol: RunProtocol = field(default_factory=RunProtocol)
     extra_faces: str = "synthetic"  # or SELF_TRAINING: what the mix added to the real faces
+    train_resample: Optional[int] = None  # data.train_resample_size: real train faces shrunk (a diagnosis run)
 
     @property
     def group(self) -> str:
@@ -151,7 +152,9 @@ class ScalingTable:
 def scaling_table(records: Sequence[StudentRecord], baseline: Optional[Sequence[StudentRecord]] = None
                   ) -> ScalingTable:
     """Students trained with synthetic faces, grouped by mode and ``mix.scale`` (seeds and repeated points of one
-    cell are averaged). ``baseline`` None: the real-only students among ``records``."""
+    cell are averaged). ``baseline`` None: the real-only students among ``records``. Students on shrunk real faces
+    (``train_resample``) are left out: this table compares synthetic set sizes (the recipes table shows them)."""
+    records = [r for r in records if r.train_resample is None]
     synthetic = [r for r in records if r.mode not in (None, "real_only") and r.scale is not None and r.acc is not None]
     if baseline is None:
         baseline = [r for r in records if r.mode == "real_only" and r.acc is not None]

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any, Optional, Sequence
 
-from lightning_modules.report.students import RunProtocol, mean_std, protocol_lines
+from lightning_modules.report.students import RunProtocol, mean_std, protocol_lines, select
 
 REAL_ONLY = "real_only"
+NO_SYNTHETIC = 0.0  # the scale of real-only runs: the table's "none" column, recipes/real_only/0 in the metrics
 SYNTHETIC_ONLY = "synthetic_only"
 ACC, MEAN_CLASS_ACC = "acc", "mean_class_acc"  # the two tables' metrics (RecipeRun.value)
 METRIC_TITLES = {ACC: "test accuracy", MEAN_CLASS_ACC: "mean-class test accuracy"}
@@ -77,8 +78,11 @@ def recipe_of(config: Optional[dict]) -> str:
         raise ValueError(f"mix must be a mapping, got {mix!r}")
     get = (lambda key: DEFAULTS[key] if mix.get(key) is None else mix[key])  # null: the default (or "no filter")
     mode = get("mode")
+    resample = select(config or {}, "data.train_resample_size")
+    # real faces shrunk before training (the resolution diagnosis): another student than the plain recipe's
+    suffix = "" if resample is None else f"_train{resample}px"
     if mode == REAL_ONLY:
-        return REAL_ONLY
+        return REAL_ONLY + suffix
     parts = []
     if mode == "ratio":
         parts.append(_valued("ratio", "ratio", get("ratio")))
@@ -101,14 +105,18 @@ def recipe_of(config: Optional[dict]) -> str:
         parts.append("with_dropped")
     if get("synthetic_augment") is not None:
         parts.append("synthetic_augment")
-    return "_".join(parts) or "concat"
+    return ("_".join(parts) or "concat") + suffix
 
 
 def describe(recipe: str) -> Optional[str]:
     """The legend entry of a recipe: its file's description, or for a judge-filtered recipe with another threshold or
-    judge, the same built from its name (``judge_filtered0.5_by_strong_judge``); None for other composed names."""
+    judge or a recipe on shrunk real faces, the same built from its name (``judge_filtered0.5_by_strong_judge``,
+    ``real_only_train32px``); None for other composed names."""
     if recipe in DESCRIPTIONS:
         return DESCRIPTIONS[recipe]
+    resampled = re.fullmatch(r"(.+)_train(\d+)px", recipe)
+    if resampled and describe(resampled.group(1)):
+        return f"{describe(resampled.group(1))}, real train faces shrunk to {resampled.group(2)} px first"
     found = re.fullmatch(r"judge_filtered(\d*\.?\d+)?(?:_by_(.+))?", recipe)
     if not found:
         return None
@@ -150,7 +158,7 @@ class RecipeTable:
 
     @property
     def scales(self) -> list[Optional[float]]:
-        found = {s for cells in self.rows.values() for s in cells}
+        found = {s for cells in self.rows.values() for s in cells if s != NO_SYNTHETIC}
         return sorted(s for s in found if s is not None) + ([None] if None in found else [])
 
     @property
@@ -176,9 +184,16 @@ class RecipeTable:
 def _order(recipe: str) -> tuple:
     """Real only first, synthetic only (and its variants) last, the recipe files in file order, others by name."""
     known = list(DESCRIPTIONS)
+    if is_real_only(recipe):
+        return (0, 0, recipe)
     if recipe.startswith(SYNTHETIC_ONLY):
         return (2, recipe != SYNTHETIC_ONLY, recipe)
     return (1, known.index(recipe) if recipe in known else len(known), recipe)
+
+
+def is_real_only(recipe: str) -> bool:
+    """Real only or a variant of it (``real_only_train32px``): no synthetic faces, so no scale."""
+    return recipe == REAL_ONLY or recipe.startswith(REAL_ONLY + "_")
 
 
 def recipe_table(runs: Sequence[RecipeRun], baseline: Optional[Sequence[RecipeRun]] = None) -> RecipeTable:
@@ -188,7 +203,7 @@ def recipe_table(runs: Sequence[RecipeRun], baseline: Optional[Sequence[RecipeRu
     seen: set = set()
     kept, duplicates = [], []
     for r in runs:
-        key = (r.experiment, r.recipe, None if r.recipe == REAL_ONLY else r.scale, r.protocol.seed)
+        key = (r.experiment, r.recipe, None if is_real_only(r.recipe) else r.scale, r.protocol.seed)
         if r.protocol.seed is not None and key in seen:
             duplicates.append(r.label)
             continue
@@ -200,7 +215,8 @@ def recipe_table(runs: Sequence[RecipeRun], baseline: Optional[Sequence[RecipeRu
     multi = len({r.experiment for r in others}) > 1
     rows: dict[Row, dict[Optional[float], list[RecipeRun]]] = {}
     for r in sorted(others, key=lambda r: (str(r.experiment) if multi else "", _order(r.recipe))):
-        rows.setdefault((r.experiment if multi else None, r.recipe), {}).setdefault(r.scale, []).append(r)
+        scale = NO_SYNTHETIC if is_real_only(r.recipe) else r.scale  # a real-only variant: the "none" column
+        rows.setdefault((r.experiment if multi else None, r.recipe), {}).setdefault(scale, []).append(r)
     return RecipeTable(list(baseline), rows, multi, duplicates)
 
 
@@ -232,7 +248,7 @@ def _cell(runs: Optional[Sequence[RecipeRun]], table: RecipeTable, metric: str =
 
 def _best_line(table: RecipeTable, metric: str = ACC) -> list[str]:
     """The best cell against real only, and whether the gap exceeds both seed spreads added."""
-    cells = [(row, s, runs) for row, c in table.rows.items() for s, runs in c.items()]
+    cells = [(row, s, runs) for row, c in table.rows.items() for s, runs in c.items() if s != NO_SYNTHETIC]
     if table.baseline_mean is None or not cells:
         return []
     row, scale, runs = max(cells, key=lambda c: _stats(c[2], metric)[0])
@@ -257,7 +273,7 @@ def _metric_rows(table: RecipeTable, metric: str) -> list[str]:
         lines.append(f"| {LABELS[REAL_ONLY]} | {mean_std([r.value(metric) for r in table.baseline])} | "
                      + " | ".join("–" for _ in scales) + " |")
     for row, cells in table.rows.items():
-        lines.append(f"| {table.label(row)} | – | "
+        lines.append(f"| {table.label(row)} | {_cell(cells.get(NO_SYNTHETIC), table, metric)} | "
                      + " | ".join(_cell(cells.get(s), table, metric) for s in scales) + " |")
     return lines + [""]
 
@@ -286,7 +302,7 @@ def recipes_markdown(table: RecipeTable) -> list[str]:
                   *_best_line(table, MEAN_CLASS_ACC)]
     counts = [len(table.baseline)] * bool(table.baseline) + [len(runs) for c in table.rows.values()
                                                              for runs in c.values()]
-    labelled = [(f"{LABELS.get(r.recipe, r.recipe)}" + ("" if r.recipe == REAL_ONLY else f" ×{fmt_scale(r.scale)}")
+    labelled = [(f"{LABELS.get(r.recipe, r.recipe)}" + ("" if is_real_only(r.recipe) else f" ×{fmt_scale(r.scale)}")
                  + f" ({r.label})", r.protocol) for r in table.runs()]
     # the warning names the first runs: the odd budgets first, so it shows which cells trained differently
     budgets = Counter(p.budget for _, p in labelled)

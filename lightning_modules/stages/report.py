@@ -25,8 +25,9 @@ from lightning_modules.report.plots import (SELF_TRAINING, JobResult, StudentRec
                                             scaling_table)
 from lightning_modules.report.clip import clip_markdown, clip_metrics, clip_run
 from lightning_modules.report.fewshot import fewshot_markdown, fewshot_metrics, fewshot_run
-from lightning_modules.report.recipes import (REAL_ONLY, WANDB_COLUMNS, RecipeRun, needs_recipe_table, recipe_of,
-                                              recipe_table, recipes_markdown, recipes_metrics, recipes_wandb_rows)
+from lightning_modules.report.recipes import (REAL_ONLY, WANDB_COLUMNS, RecipeRun, is_real_only, needs_recipe_table,
+                                              recipe_of, recipe_table, recipes_markdown, recipes_metrics,
+                                              recipes_wandb_rows)
 from lightning_modules.report.ssl import ssl_markdown, ssl_metrics, ssl_run
 from lightning_modules.report.students import (PROTOCOL_COLUMNS, group_of, group_students, protocol_of, run_protocol,
                                                select, students_markdown)
@@ -94,7 +95,8 @@ def _student_record(job: str, stage: str, metrics: dict, config: Optional[dict])
     scale = 0.0 if mode == "real_only" else (float(scale) if scale is not None else None)
     return StudentRecord(job, stage, mode, scale, metrics.get("test/acc"), metrics.get("test/mean_class_acc"),
                          metrics.get("test/macro_f1"), config.get("experiment_name"), switches_of(config),
-                         run_protocol(metrics, config, stage), extra_faces_of(metrics.get("data/mix/synthetic")))
+                         run_protocol(metrics, config, stage), extra_faces_of(metrics.get("data/mix/synthetic")),
+                         select(config, "data.train_resample_size"))
 
 
 def extra_faces_of(sets) -> str:
@@ -123,7 +125,7 @@ def recipe_run(record: StudentRecord, config: Optional[dict], config_path: Path)
         recipe = recipe_of(config if config is not None else {"mix": {"mode": record.mode}})
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from err
-    if record.extra_faces == SELF_TRAINING and recipe != REAL_ONLY:
+    if record.extra_faces == SELF_TRAINING and not is_real_only(recipe):
         recipe = f"{recipe}/{SELF_TRAINING}"
     mean_class = None if record.mean_class_acc is None else float(record.mean_class_acc)
     return RecipeRun(f"{record.job}/{record.stage}", recipe, record.scale, float(record.acc), record.protocol,
@@ -193,7 +195,7 @@ def baseline_runs(cfg: DictConfig, run_job: JobResult) -> Optional[list[StudentR
     students it finds)."""
     given = OmegaConf.select(cfg, "report.baseline", default=None)
     if given is None:
-        real = [r for r in run_job.students if r.mode == "real_only" and r.acc is not None]
+        real = [r for r in run_job.students if r.mode == "real_only" and r.acc is not None and r.train_resample is None]
         return real or None
     path = Path(str(given))
     if path.is_dir():
