@@ -44,6 +44,10 @@ def test_fer_acc_is_the_judges_agreement_with_the_conditioned_labels(tmp_path, j
     assert metrics["fer_acc"] == pytest.approx((predicted == conds.labels).float().mean().item())
     assert "au_pearson_mean" in metrics  # the toy set carries AU targets
     assert metrics["fid"] == pytest.approx(0.0, abs=1e-3)  # the set against itself
+    with torch.no_grad():  # real faces without labels: coverage still measured, no real within-class spread
+        unlabelled = evaluate_set(dataset, judge, 32, list(range(12)), real=images, max_faces=None, seed=0,
+                                  quality_k=2)
+    assert unlabelled["quality/real/recall"] is not None and unlabelled["quality/spread_ratio"] is None
 
 
 def test_fid_grows_against_other_faces(tmp_path, judge):

@@ -220,7 +220,8 @@ def evaluate_set(dataset, judge, judge_image_size: int, au_names: Sequence[int],
         real = torch.nn.functional.interpolate(real, size=(size, size), mode="bilinear", antialias=True)
         metrics.update(distribution_metrics(TeacherFeatures(judge, judge_image_size), images, real, batch_size))
         if quality_k is not None:
-            metrics.update(coverage_metrics(judge, judge_image_size, images, conds.labels, real, real_labels, seed,
+            labels = real_labels if real_labels is not None else torch.full((len(real),), -1, dtype=torch.long)
+            metrics.update(coverage_metrics(judge, judge_image_size, images, conds.labels, real, labels, seed,
                                             quality_k, batch_size, EXPRESSIONS))
     return metrics
 
