@@ -40,3 +40,10 @@ def test_class_spread_and_au_spread_per_class():
 def test_mean_of_shared_classes_only():
     assert fm.mean_of_shared({0: 1.0, 1: 3.0, 2: None}, {0: 2.0, 1: None, 2: 4.0}) == (1.0, 2.0)
     assert fm.mean_of_shared({0: None}, {0: 1.0}) == (None, None)
+
+
+def test_fid_of_features_is_zero_for_the_same_set_and_grows_with_a_shift():
+    feats = torch.randn(200, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert fm.fid_of_features(feats, feats.clone()) == pytest.approx(0.0, abs=1e-6)
+    # Gaussian sets differing only in mean: FID = the squared mean difference (4 dims x 2^2 = 16)
+    assert fm.fid_of_features(feats, feats + 2.0) == pytest.approx(16.0, rel=1e-6)

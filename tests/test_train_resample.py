@@ -63,3 +63,22 @@ def test_a_mixed_students_real_faces_are_resampled_its_synthetic_ones_not(tmp_pa
 def test_bad_resample_size_names_the_key(bad):
     with pytest.raises(ValueError, match="data.train_resample_size"):
         RealFERDataModule(format="toy", train_resample_size=bad)
+
+
+def test_resampling_a_public_format_download_without_sidecars(tmp_path):
+    """An ImageFolder / FER2013 export with no OpenFace or caption files: the knob needs nothing but the faces."""
+    from datamodules.toyfaces import ToyFacesConfig
+    from datamodules.toyfaces_export import export_toyfaces
+
+    export = export_toyfaces(ToyFacesConfig(image_size=48, seed=2), {"train": 8, "val": 4, "test": 4}, tmp_path)
+    for fmt, protocol in (("imagefolder", 8), ("fer2013", 7)):
+        def dm(**kw):
+            module = RealFERDataModule(format=fmt, root=str(export[fmt]), protocol=protocol, image_size=32,
+                                       batch_size=4, augment=NO_AUGMENT, **kw)
+            module.setup()
+            return module
+
+        plain, shrunk = dm(), dm(train_resample_size=12)
+        assert plain.au_source == "none" and not plain.datasets["train"][0]["au_mask"].any()
+        assert not torch.allclose(plain.datasets["train"][0]["image"], shrunk.datasets["train"][0]["image"])
+        assert torch.equal(plain.datasets["test"][0]["image"], shrunk.datasets["test"][0]["image"])

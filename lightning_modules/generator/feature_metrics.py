@@ -6,6 +6,7 @@
   real variety covered?);
 - ``class_spread``: per class, the mean pairwise distance between its samples (diversity: a generator that draws
   the same face for every seed of a condition has spread 0);
+- ``fid_of_features``: FID of features already computed (torchmetrics' FID over them, nothing embedded twice);
 - ``au_spread``: per class, the mean over AUs of the standard deviation of AU intensities (how varied the AUs of
   one expression are).
 """
@@ -35,6 +36,27 @@ def knn_precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = 3
     precision = _inside(generated, real, knn_radii(real, k)).double().mean().item()
     recall = _inside(real, generated, knn_radii(generated, k)).double().mean().item()
     return {"precision": precision, "recall": recall}
+
+
+class _Given(torch.nn.Module):
+    """A feature extractor that returns its input: torchmetrics' FID over features computed elsewhere."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.double()
+
+
+def fid_of_features(real: torch.Tensor, generated: torch.Tensor) -> float:
+    """Fréchet distance between two sets of features (N, D) and (M, D)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=_Given(real.shape[1]), sync_on_compute=False)
+    fid.update(real, real=True)
+    fid.update(generated, real=False)
+    return fid.compute().item()
 
 
 def class_spread(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[int, Optional[float]]:

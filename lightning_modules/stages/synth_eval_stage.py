@@ -153,7 +153,7 @@ def coverage_metrics(judge, judge_image_size: int, synthetic: torch.Tensor, synt
     by conditioned class, real by label: diversity), ``.../au_spread`` (mean AU standard deviation within a class, by
     the judge's AU head); ``quality/spread_ratio`` = synthetic / real spread, also per class."""
     from lightning_modules.generator import feature_metrics as fm
-    from lightning_modules.generator.evaluation import TeacherFeatures, distribution_metrics, teacher_scores
+    from lightning_modules.generator.evaluation import TeacherFeatures, teacher_scores
 
     m = min(len(synthetic), len(real) // 2)
     if m <= k:
@@ -178,7 +178,7 @@ def coverage_metrics(judge, judge_image_size: int, synthetic: torch.Tensor, synt
         feats = embed(images)
         out.update({f"quality/{name}/{key}": value
                     for key, value in fm.knn_precision_recall(reference, feats, k).items()})
-        out[f"quality/{name}/fid"] = distribution_metrics(features, images, real[ref], batch_size)["fid"]
+        out[f"quality/{name}/fid"] = fm.fid_of_features(reference, feats)
         spreads[name] = fm.class_spread(feats, labels, num_classes)
         aus = teacher_scores(judge, images, judge_image_size, batch_size, need_aus=False)[1]
         if aus is not None:
